@@ -1,0 +1,51 @@
+"""Build script: the Python package, the Triton kernels inside its namespace, and the optional
+C++ CPU extension.
+
+`kernels/` is installed as `moee_fast.kernels`, never as a top-level `kernels` module: that name
+belongs to Hugging Face's `kernels` package, which transformers imports when it is installed.
+
+The extension is built only when torch is importable at build time (install with
+`pip install --no-build-isolation`) and a C++ compiler works; otherwise the package installs
+without it and the ops fall back to torch.
+"""
+
+import glob
+import os
+import shutil
+import warnings
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["moee_fast", "moee_fast.*"]) + ["moee_fast.kernels"]
+package_dir = {"moee_fast.kernels": "kernels"}
+ext_modules, cmdclass = [], {}
+
+sources = sorted(glob.glob("csrc/*.cpp"))
+want_ext = os.environ.get("MOEE_FAST_BUILD_EXT", "1") != "0" and sources
+if want_ext and shutil.which(os.environ.get("CXX", "c++")):
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        warnings.warn("torch is not importable at build time: building moee-fast without its C++ ops")
+    else:
+
+        class OptionalBuildExtension(BuildExtension):
+            """A failed compile leaves a working package that uses the torch fallback."""
+
+            def build_extension(self, ext):
+                try:
+                    super().build_extension(ext)
+                except Exception as exc:  # compiler errors surface as several exception types
+                    warnings.warn(f"moee-fast C++ ops not built ({exc}); the torch fallback is used")
+
+        ext_modules = [
+            CppExtension(
+                "moee_fast._C",
+                sources,
+                extra_compile_args=["-O3", "-fopenmp", "-march=native" if os.environ.get("MOEE_FAST_NATIVE") else "-mavx2", "-mfma"],
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+        cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
