@@ -11,6 +11,7 @@ without it and the ops fall back to torch.
 
 import glob
 import os
+import platform
 import shutil
 import warnings
 
@@ -21,6 +22,18 @@ package_dir = {"moee_fast.kernels": "kernels"}
 ext_modules, cmdclass = [], {}
 
 sources = sorted(glob.glob("csrc/*.cpp"))
+
+
+def vector_isa_flags():
+    """SIMD flags for the C++ ops: the build machine's own ISA on request, AVX2/FMA on x86-64, and the
+    compiler's default elsewhere (aarch64 always has NEON; -mavx2 would not even parse there)."""
+    if os.environ.get("MOEE_FAST_NATIVE"):
+        return ["-march=native"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["-mavx2", "-mfma"]
+    return []
+
+
 want_ext = os.environ.get("MOEE_FAST_BUILD_EXT", "1") != "0" and sources
 if want_ext and shutil.which(os.environ.get("CXX", "c++")):
     try:
@@ -42,7 +55,7 @@ if want_ext and shutil.which(os.environ.get("CXX", "c++")):
             CppExtension(
                 "moee_fast._C",
                 sources,
-                extra_compile_args=["-O3", "-fopenmp", "-march=native" if os.environ.get("MOEE_FAST_NATIVE") else "-mavx2", "-mfma"],
+                extra_compile_args=["-O3", "-fopenmp", *vector_isa_flags()],
                 extra_link_args=["-fopenmp"],
             )
         ]

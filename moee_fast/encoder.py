@@ -26,6 +26,8 @@ from .prompts import resolve_prompt, tokenize
 # reach the matmul rate; on CUDA larger batches fill the chip. Tuned by benchmarks/.
 DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 32768}
 
+RW_SOURCES = ("scores", "logits")
+
 # Keys of from_pretrained's **hf_kwargs that also apply to the config and tokenizer.
 _SHARED_HF_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
@@ -86,7 +88,6 @@ class MoEEncoder:
         self.device = next(model.parameters()).device
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
         self.routers = adapter.routers(model)
-        self.rw_source = "scores"
         self._tap = _LastTokenTap(self.routers, adapter.logits_position(model), adapter.scoring)
         self._trim_hooks = self._install_last_token_trim()
 
@@ -147,16 +148,22 @@ class MoEEncoder:
         prompt: str | None = None,
         max_length: int | None = None,
         show_progress_bar: bool | None = None,
+        rw_source: str = "scores",
     ) -> MoEEmbeddings:
         """Embed `texts`; rows of the result follow the input order.
 
         batch_size: most texts per forward (None: only the token budget limits a batch).
         prompt: None (text verbatim) or a template containing `{text}`.
         max_length: token limit; only the text inside the template is shortened, with a warning.
+        rw_source: "scores" (RW as defined: the family's scoring function of the router logits,
+            in fp32) or "logits" (the raw router logits, as some published evaluations used).
         """
         texts = _check_texts(texts)
+        if rw_source not in RW_SOURCES:
+            raise ValueError(f"rw_source must be one of {RW_SOURCES}, got {rw_source!r}")
+        self._tap.scoring = self.adapter.scoring if rw_source == "scores" else "logits"
         template = resolve_prompt(prompt)
-        metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": self.adapter.scoring}
+        metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": self._tap.scoring}
         if not texts:
             return MoEEmbeddings.empty(self.hidden_size, self.num_moe_layers, self.num_experts, metadata)
         ids, truncated = tokenize(self.tokenizer, texts, template, max_length)
