@@ -6,7 +6,6 @@ from .registry import Adapter, register
 MIXTRAL = register(Adapter("Mixtral", ("mixtral",)))
 OLMOE = register(Adapter("OLMoE", ("olmoe",)))
 QWEN2_MOE = register(Adapter("Qwen2-MoE", ("qwen2_moe",)))
-QWEN3_MOE = register(Adapter("Qwen3-MoE", ("qwen3_moe",)))
 DEEPSEEK_V2 = register(Adapter("DeepSeek-V2", ("deepseek_v2",)))
 # DeepSeek-V3 and its relatives score experts with a sigmoid (plus a bias used only for the
 # top-k choice); RW for them is the sigmoid of the router logits, the model's own scores.

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random checkpoints built from the real configs of each family, saved
+with save_pretrained (per-expert weight layout, as the published checkpoints have) and
+reloaded through moee-fast's public API."""
+
+import os
+
+# Triton kernels run in its CPU interpreter here; this must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moee_fast.demo import build_tokenizer  # noqa: E402
+
+WORDS = (
+    "the a model routes every token to experts while hidden states carry meaning and routing "
+    "weights carry topics naïve café résumé Zürich 東京 日本語 🙂 🚀 👩‍🔬 — «quoted» don't 3.14 "
+    "semantics embedding sentence passage query document retrieval cluster"
+).split()
+
+TINY = dict(vocab_size=None, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def family_config(family: str, vocab_size: int):
+    """A tiny config of `family` with the real model's structure (shared experts, dense layers)."""
+    from transformers import (
+        DeepseekV2Config,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
+
+    base = dict(TINY, vocab_size=vocab_size)
+    if family == "mixtral":
+        return MixtralConfig(**base, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+    if family == "olmoe":
+        return OlmoeConfig(**dict(base, num_key_value_heads=4), intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        # Qwen1.5-MoE: a shared expert with a sigmoid gate, attention q/k/v biases; layer 1 dense.
+        return Qwen2MoeConfig(
+            **base, intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+            num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False,
+        )
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**base, head_dim=16, intermediate_size=80, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+    if family == "deepseek_v2":
+        return DeepseekV2Config(
+            **dict(base, num_key_value_heads=4), intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+        )
+    raise ValueError(family)
+
+
+def random_texts(n: int, seed: int, max_words: int = 120) -> list[str]:
+    """Mixed-length texts (one word to long passages), unicode and emoji included."""
+    rng = random.Random(seed)
+    lengths = [1, 2, max_words] + [rng.choice([rng.randint(1, 12), rng.randint(20, max_words)]) for _ in range(n - 3)]
+    return [" ".join(rng.choice(WORDS) for _ in range(k)) for k in lengths]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_corpus():
+    return random_texts(200, seed=1234)
+
+
+def save_checkpoint(path, family: str, corpus, bos: bool = True, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(corpus, vocab_size=600, bos=bos)
+    config = family_config(family, len(tokenizer))
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_corpus):
+    """checkpoint(family, bos=True) -> path of a saved tiny checkpoint, built once per session."""
+    built = {}
+
+    def make(family: str, bos: bool = True):
+        key = (family, bos)
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"{family}-{'bos' if bos else 'nobos'}")
+            built[key] = save_checkpoint(path, family, tokenizer_corpus, bos=bos)
+        return built[key]
+
+    return make
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Per-row ‖actual − expected‖ / ‖expected‖ (NaN anywhere gives NaN, which fails any bound)."""
+    actual, expected = actual.double().flatten(1), expected.double().flatten(1)
+    return (actual - expected).norm(dim=1) / expected.norm(dim=1)
