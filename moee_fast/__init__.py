@@ -1,8 +1,23 @@
 """moee-fast: Mixture-of-Experts LLMs as embedding models, no finetuning (MoEE: HS + RW)."""
 
 from .adapters import supported_families
-from .embeddings import MoEEmbeddings
+from .embeddings import VARIANTS, MoEEmbeddings, Standardizer
 from .encoder import MoEEncoder
+from .prompts import PRESETS, build_prompt
+from .similarity import search, similarity, similarity_pairwise, tune_alpha
 
 __version__ = "0.1.0"
-__all__ = ["MoEEncoder", "MoEEmbeddings", "supported_families", "__version__"]
+__all__ = [
+    "MoEEncoder",
+    "MoEEmbeddings",
+    "PRESETS",
+    "Standardizer",
+    "VARIANTS",
+    "build_prompt",
+    "search",
+    "similarity",
+    "similarity_pairwise",
+    "supported_families",
+    "tune_alpha",
+    "__version__",
+]
