@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -21,16 +23,39 @@ namespace {
 // Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
 constexpr float kNormEps = 1e-8f;
 
+// exp(x) for x <= 0 in a form the compiler vectorises (std::exp is a scalar libm call, ~10x slower
+// here): x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 Taylor polynomial (relative error
+// < 2e-7 on that range), 2^n built in the exponent bits. Inputs below -87 give 2^-126 ~ 1e-38, not 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exact n*ln2_hi
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 template <typename scalar_t>
 void softmax_row(const scalar_t* src, float* dst, int64_t n) {
   float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
   for (int64_t e = 0; e < n; ++e) row_max = std::max(row_max, static_cast<float>(src[e]));
   float total = 0.f;
+#pragma omp simd reduction(+ : total)
   for (int64_t e = 0; e < n; ++e) {
-    dst[e] = std::exp(static_cast<float>(src[e]) - row_max);
+    dst[e] = exp_nonpositive(static_cast<float>(src[e]) - row_max);
     total += dst[e];
   }
   const float inv_total = 1.f / total;
+#pragma omp simd
   for (int64_t e = 0; e < n; ++e) dst[e] *= inv_total;
 }
 
@@ -62,14 +87,17 @@ at::Tensor& gather_router_softmax_out(at::TensorList router_logits, const at::Te
   }
 
   float* out_data = out.data_ptr<float>();
-  // Grain keeps small batches (the per-layer call during a forward) on one thread.
-  at::parallel_for(0, batch * n_layers, 64, [&](int64_t begin, int64_t end) {
+  // ~16k probabilities per task: the per-layer call during a forward (B rows) stays on one thread,
+  // where waking the pool would cost more than the work.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n_experts, 1));
+  at::parallel_for(0, batch * n_layers, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / n_layers, l = item % n_layers;
       const at::Tensor& logits = layers[l];
       float* dst = out_data + item * n_experts;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_router_softmax", [&] {
-        softmax_row(logits.data_ptr<scalar_t>() + row_index[b] * logits.stride(0), dst, n_experts);
+        softmax_row(static_cast<const scalar_t*>(logits.const_data_ptr()) + row_index[b] * logits.stride(0), dst,
+                    n_experts);
       });
     }
   });
@@ -124,7 +152,8 @@ void check_pair(const at::Tensor& hs, const at::Tensor& rw, const char* name) {
   TORCH_CHECK(hs.device().is_cpu() && rw.device().is_cpu(), name, " tensors must be on the CPU");
   TORCH_CHECK(hs.dim() == 2 && rw.dim() == 2 && hs.size(0) == rw.size(0), name,
               "_hs and ", name, "_rw must be [N, H] and [N, R] with the same N");
-  TORCH_CHECK(hs.stride(1) == 1 && rw.stride(1) == 1, name, " tensors must be contiguous along their rows");
+  TORCH_CHECK((hs.stride(1) == 1 || hs.size(1) <= 1) && (rw.stride(1) == 1 || rw.size(1) <= 1), name,
+              " tensors must be contiguous along their rows");
 }
 
 at::Tensor& combined_cosine_out(const at::Tensor& a_hs, const at::Tensor& a_rw, const at::Tensor& b_hs,

@@ -1,12 +1,318 @@
-"""Backend dispatch for the fused ops (Triton on CUDA, C++ on CPU, torch reference)."""
+"""Fused MoEE ops: argument checks, backend dispatch, and the torch reference implementations.
+
+Backends: "triton" (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1), "cpp" (the C++ extension
+moee_fast._C on CPU tensors), "torch" (the readable reference, any device). "auto" picks Triton for
+CUDA tensors, and for CPU tensors the C++ op wherever it measured faster than torch (see _CPU_AUTO).
+"""
+
+import functools
+import importlib.util
+import math
+import numbers
+import os
+from collections.abc import Sequence
 
 import torch
 
+BACKENDS = ("auto", "triton", "cpp", "torch")
 
-def gather_router_softmax(router_logits, rows, backend="auto"):
+# Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
+NORM_EPS = 1e-8
+
+# Bytes of one [Nq, tile] fp32 score block in the top-k stream; the corpus tile is sized to fit it.
+# Bigger tiles keep the GEMM efficient and the merges few; this bounds the memory top-k needs.
+_SCORE_TILE_BYTES = {"cuda": 256 << 20}
+_DEFAULT_SCORE_TILE_BYTES = 32 << 20
+
+# What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch. Measured on a
+# shared 2-core x86-64 (AVX2) VM, torch 2.13 + MKL, both backends interleaved, best of many runs:
+#   gather_router_softmax B=128, E=64, L=16 / L=27 / one layer: C++ 0.380 / 1.800 / 0.096 ms vs torch
+#     0.323 / 1.149 / 0.065 ms (C++ 0.64-0.85x; bf16 logits 0.55-0.68x). index_select + softmax are
+#     already vectorised in ATen and the custom-op call costs ~20 us more from Python, so torch wins.
+#   combined_cosine 1k x 10k, H=2048, RW=1024: fp32 1,883 vs 1,971 ms (1.05x), bf16 1,164 vs 1,414 ms (1.22x).
+#   topk_combined_cosine k=10, 1k x 20k, same widths: 2,657 vs 2,984 ms (1.12x).
+_CPU_AUTO = {"gather_router_softmax": "torch", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
+
+try:
+    from . import _C  # noqa: F401  (importing it registers torch.ops.moee_fast.*)
+
+    _CPP_IMPORT_ERROR = None
+except ImportError as exc:  # not built: no compiler at install time, or built against another torch
+    _CPP_IMPORT_ERROR = exc
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_installed():
+    return importlib.util.find_spec("triton") is not None
+
+
+def available_backends():
+    """Backends usable in this process, e.g. ["torch", "cpp"]."""
+    names = ["torch"]
+    if _CPP_IMPORT_ERROR is None:
+        names.append("cpp")
+    if _triton_installed() and (_triton_interpreted() or torch.cuda.is_available()):
+        names.append("triton")
+    return names
+
+
+def _resolve_backend(op, backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_installed():
+            return "triton"
+        if device.type == "cpu" and _CPP_IMPORT_ERROR is None:
+            return _CPU_AUTO[op]
+        return "torch"
+    if backend == "cpp":
+        if _CPP_IMPORT_ERROR is not None:
+            raise RuntimeError(
+                "backend 'cpp' is not available: the C++ extension moee_fast._C was not built or does not load "
+                f"({_CPP_IMPORT_ERROR}); reinstall with a C++ compiler and `pip install --no-build-isolation .`"
+            )
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
+    if backend == "triton":
+        if not _triton_installed():
+            raise RuntimeError("backend 'triton' is not available: triton is not installed")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            raise RuntimeError(
+                f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got tensors on {device}"
+            )
+    return backend
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _check_float_matrix(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _rw_matrix(rw, name):
+    """Routing weights as [N, L*E]: [N, L, E] is flattened (a view when contiguous)."""
+    if isinstance(rw, torch.Tensor) and rw.dim() == 3:
+        rw = rw.reshape(rw.shape[0], -1)
+    _check_float_matrix(rw, name)
+    return rw
+
+
+def _row_contiguous(x):
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_sides(a_hs, a_rw, b_hs, b_rw, a_name, b_name):
+    """Checks two (hs, rw) sides against each other; returns the four as row-contiguous 2-D tensors."""
+    a_rw, b_rw = _rw_matrix(a_rw, f"{a_name}_rw"), _rw_matrix(b_rw, f"{b_name}_rw")
+    named = {f"{a_name}_hs": a_hs, f"{a_name}_rw": a_rw, f"{b_name}_hs": b_hs, f"{b_name}_rw": b_rw}
+    for name, x in named.items():
+        _check_float_matrix(x, name)
+    for side in (a_name, b_name):
+        hs, rw = named[f"{side}_hs"], named[f"{side}_rw"]
+        if hs.shape[0] != rw.shape[0]:
+            raise ValueError(f"{side}_hs has {hs.shape[0]} rows but {side}_rw has {rw.shape[0]}")
+    for stream in ("hs", "rw"):
+        a, b = named[f"{a_name}_{stream}"], named[f"{b_name}_{stream}"]
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"{a_name}_{stream} width {a.shape[1]} != {b_name}_{stream} width {b.shape[1]}")
+        if a.dtype != b.dtype:
+            raise TypeError(f"{a_name}_{stream} is {a.dtype} but {b_name}_{stream} is {b.dtype}")
+    devices = {name: x.device for name, x in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    return tuple(_row_contiguous(x) for x in named.values())
+
+
+def _check_out(out, shape, dtype, device, name="out"):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got {got}")
+    if out.device != device:
+        raise ValueError(f"{name} is on {out.device} but the inputs are on {device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_rows(rows, n_rows, device):
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+        raise ValueError(f"rows must be a 1-D integer tensor, got {rows!r:.80}")
+    if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+        raise TypeError(f"rows must hold integers, got {rows.dtype}")
+    if rows.device != device:
+        raise ValueError(f"rows is on {rows.device} but router_logits are on {device}")
+    if rows.numel():
+        low, high = torch.stack(torch.aminmax(rows)).tolist()  # one host sync for the whole range check
+        if low < 0 or high >= n_rows:
+            bad = low if low < 0 else high
+            raise IndexError(f"rows holds {bad}, out of range for router logits with {n_rows} rows")
+    return rows.to(torch.int64).contiguous()
+
+
+# ------------------------------------------------------------------------------ torch reference
+
+
+def _unit_rows(x):
+    x = x.float()
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _torch_scores(a_hs_unit, a_rw_unit, b_hs, b_rw, alpha):
+    scores = a_hs_unit @ _unit_rows(b_hs).T
+    return scores.addmm_(a_rw_unit, _unit_rows(b_rw).T, alpha=alpha)  # += alpha * cos_rw, in place
+
+
+def _torch_gather_router_softmax(router_logits, rows, out):
+    picked = torch.stack([logits.index_select(0, rows) for logits in router_logits], dim=1)
+    probs = torch.softmax(picked.float(), dim=-1)
+    return probs if out is None else out.copy_(probs)
+
+
+def _torch_combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha):
+    return _torch_scores(_unit_rows(a_hs), _unit_rows(a_rw), b_hs, b_rw, alpha)
+
+
+def _torch_topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile):
+    """Running top-k over corpus tiles: merge each tile's scores with the best k so far."""
+    q_hs_unit, q_rw_unit = _unit_rows(q_hs), _unit_rows(q_rw)
+    best_values = best_indices = None
+    for start in range(0, c_hs.shape[0], corpus_tile):
+        end = min(start + corpus_tile, c_hs.shape[0])
+        scores = _torch_scores(q_hs_unit, q_rw_unit, c_hs[start:end], c_rw[start:end], alpha)
+        candidates = torch.arange(start, end, device=q_hs.device).expand(q_hs.shape[0], -1)
+        if best_values is not None:
+            scores = torch.cat([best_values, scores], dim=1)
+            candidates = torch.cat([best_indices, candidates], dim=1)
+        best_values, positions = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_indices = candidates.gather(1, positions)
+    return best_values, best_indices
+
+
+# ------------------------------------------------------------------------------------------ ops
+
+
+def gather_router_softmax(router_logits, rows, backend="auto", out=None):
     """Softmax over experts of each sequence's last-token router row, for every MoE layer.
 
-    router_logits: sequence of L tensors [B*T, E]; rows: int64 [B] -> float32 [B, L, E].
+    router_logits: sequence of L tensors [rows_l, E] (any float dtype, row counts may differ per layer);
+    rows: int64 [B], the flat row of each sequence's last token -> float32 [B, L, E].
     """
-    picked = torch.stack([logits.index_select(0, rows) for logits in router_logits], dim=1)
-    return torch.softmax(picked.float(), dim=-1)
+    if isinstance(router_logits, torch.Tensor) or not isinstance(router_logits, Sequence) or not router_logits:
+        raise ValueError("router_logits must be a non-empty sequence of [rows, E] tensors (one per MoE layer)")
+    for layer, logits in enumerate(router_logits):
+        _check_float_matrix(logits, f"router_logits[{layer}]")
+    first = router_logits[0]
+    n_experts, device = first.shape[1], first.device
+    for layer, logits in enumerate(router_logits):
+        if logits.shape[1] != n_experts:
+            raise ValueError(f"router_logits[{layer}] has {logits.shape[1]} experts, router_logits[0] has {n_experts}")
+        if logits.device != device:
+            raise ValueError(f"router_logits[{layer}] is on {logits.device}, router_logits[0] on {device}")
+    rows = _check_rows(rows, min(logits.shape[0] for logits in router_logits), device)
+    shape = (rows.shape[0], len(router_logits), n_experts)
+    if out is not None:
+        _check_out(out, shape, torch.float32, device)
+
+    backend = _resolve_backend("gather_router_softmax", backend, device)
+    if backend == "torch":
+        return _torch_gather_router_softmax(router_logits, rows, out)
+    out = torch.empty(shape, dtype=torch.float32, device=device) if out is None else out
+    if rows.shape[0] == 0:
+        return out
+    router_logits = [_row_contiguous(logits) for logits in router_logits]
+    if backend == "cpp":
+        return torch.ops.moee_fast.gather_router_softmax.out(router_logits, rows, out=out)
+    from .kernels.gather_router_softmax import gather_router_softmax as launch
+
+    # The kernel reads every layer through layer 0's element type.
+    return launch([logits.to(first.dtype) for logits in router_logits], rows, out)
+
+
+def _triton_operand(x):
+    """The Triton kernels take fp32/bf16/fp16; other float dtypes are computed in fp32."""
+    return x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
+
+
+def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None):
+    """float32 [Na, Nb]: cos(a_hs[i], b_hs[j]) + alpha * cos(a_rw[i], b_rw[j]).
+
+    hs: [N, H]; rw: [N, L, E] or [N, L*E]. A zero vector has cosine 0 with everything.
+    """
+    alpha = _check_alpha(alpha)
+    a_hs, a_rw, b_hs, b_rw = _check_sides(a_hs, a_rw, b_hs, b_rw, "a", "b")
+    shape, device = (a_hs.shape[0], b_hs.shape[0]), a_hs.device
+    if out is not None:
+        _check_out(out, shape, torch.float32, device)
+
+    backend = _resolve_backend("combined_cosine", backend, device)
+    if backend == "torch":
+        scores = _torch_combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha)
+        return scores if out is None else out.copy_(scores)
+    out = torch.empty(shape, dtype=torch.float32, device=device) if out is None else out
+    if backend == "cpp":
+        return torch.ops.moee_fast.combined_cosine.out(a_hs, a_rw, b_hs, b_rw, alpha, out=out)
+    from .kernels.combined_cosine import combined_cosine as launch
+
+    return launch(*map(_triton_operand, (a_hs, a_rw, b_hs, b_rw)), alpha, out)
+
+
+def default_corpus_tile(n_queries, k, device):
+    """Corpus rows per top-k step: as many as fit one score block of _SCORE_TILE_BYTES, at least k."""
+    budget = _SCORE_TILE_BYTES.get(torch.device(device).type, _DEFAULT_SCORE_TILE_BYTES)
+    return max(k, budget // (4 * max(n_queries, 1)))
+
+
+def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha=1.0, backend="auto", out=None, corpus_tile=None):
+    """The k best corpus rows per query by combined cosine, without materialising [Nq, Nc].
+
+    -> (values float32 [Nq, k] descending, indices int64 [Nq, k]). Memory: Nq * (k + corpus_tile).
+    out: optional (values, indices) to write into. corpus_tile: corpus rows scored per step.
+    """
+    alpha = _check_alpha(alpha)
+    q_hs, q_rw, c_hs, c_rw = _check_sides(q_hs, q_rw, c_hs, c_rw, "q", "c")
+    n_queries, n_corpus, device = q_hs.shape[0], c_hs.shape[0], q_hs.device
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_corpus:
+        raise ValueError(f"k must be an integer in [1, Nc={n_corpus}], got {k!r}")
+    k = int(k)
+    if corpus_tile is None:
+        corpus_tile = default_corpus_tile(n_queries, k, device)
+    elif isinstance(corpus_tile, bool) or not isinstance(corpus_tile, int) or corpus_tile < 1:
+        raise ValueError(f"corpus_tile must be a positive integer, got {corpus_tile!r}")
+    corpus_tile = max(corpus_tile, k)  # the first tile alone must fill the top-k
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ValueError("out must be a (values, indices) pair")
+        _check_out(out[0], (n_queries, k), torch.float32, device, "out[0] (values)")
+        _check_out(out[1], (n_queries, k), torch.int64, device, "out[1] (indices)")
+
+    backend = _resolve_backend("topk_combined_cosine", backend, device)
+    if backend == "torch":
+        values, indices = _torch_topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile)
+        return (values, indices) if out is None else (out[0].copy_(values), out[1].copy_(indices))
+    if out is None:
+        out = (torch.empty((n_queries, k), dtype=torch.float32, device=device),
+               torch.empty((n_queries, k), dtype=torch.int64, device=device))
+    values, indices = out
+    if backend == "cpp":
+        return tuple(torch.ops.moee_fast.topk_combined_cosine.out(
+            q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values=values, indices=indices))
+    from .kernels.topk_combined_cosine import topk_combined_cosine as launch
+
+    return launch(*map(_triton_operand, (q_hs, q_rw, c_hs, c_rw)), k, alpha, corpus_tile, values, indices)

@@ -1,0 +1,74 @@
+"""Softmax over experts of the last-token router row of every sequence, for every MoE layer."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_router_softmax_kernel(
+    first_logits,  # layer 0's logits; also fixes the element type of every layer
+    pointer_table,  # int64 [L] data pointers of the layers (read only when FROM_TABLE)
+    stride_table,  # int64 [L] row strides of the layers (read only when FROM_TABLE)
+    first_row_stride,
+    rows,
+    out,
+    n_sequences,
+    n_layers,
+    n_experts,
+    FROM_TABLE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    layer = tl.program_id(1)
+    if FROM_TABLE:
+        logits = tl.load(pointer_table + layer).to(tl.pointer_type(first_logits.dtype.element_ty))
+        row_stride = tl.load(stride_table + layer)
+    else:
+        logits = first_logits
+        row_stride = first_row_stride
+    sequences = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    experts = tl.arange(0, BLOCK_E)
+    in_batch = sequences < n_sequences
+    in_block = in_batch[:, None] & (experts < n_experts)[None, :]
+    row = tl.load(rows + sequences, mask=in_batch, other=0).to(tl.int64)
+    x = tl.load(logits + row[:, None] * row_stride + experts[None, :], mask=in_block, other=-float("inf"))
+    # Padding experts hold -inf and add exp(-inf) = 0; padding sequences get zeros (an all -inf row would
+    # compute NaN) and are never stored.
+    x = tl.where(in_batch[:, None], x.to(tl.float32), 0.0)
+    x = tl.exp(x - tl.max(x, axis=1)[:, None])
+    probs = x / tl.sum(x, axis=1)[:, None]
+    out_offsets = (sequences[:, None].to(tl.int64) * n_layers + layer) * n_experts + experts[None, :]
+    tl.store(out + out_offsets, probs, mask=in_block)
+
+
+def gather_router_softmax(router_logits, rows, out):
+    """router_logits: L tensors [rows_l, E] of one dtype, inner-contiguous; rows: int64 [B] on the
+    same device; out: contiguous float32 [B, L, E], fully overwritten."""
+    first = router_logits[0]
+    n_sequences, n_layers, n_experts = rows.shape[0], len(router_logits), first.shape[1]
+    # A single layer (the encoder's per-layer call) skips building the pointer table.
+    from_table = n_layers > 1
+    if from_table:
+        pointer_table = torch.tensor([t.data_ptr() for t in router_logits], dtype=torch.int64).to(first.device)
+        stride_table = torch.tensor([t.stride(0) for t in router_logits], dtype=torch.int64).to(first.device)
+    else:
+        pointer_table = stride_table = None
+    block_e = triton.next_power_of_2(n_experts)
+    # About 2k logits per program: enough work per program without spilling a row block to memory.
+    block_b = max(1, min(triton.next_power_of_2(n_sequences), 2048 // block_e))
+    _gather_router_softmax_kernel[(triton.cdiv(n_sequences, block_b), n_layers)](
+        first,
+        pointer_table,
+        stride_table,
+        first.stride(0),
+        rows,
+        out,
+        n_sequences,
+        n_layers,
+        n_experts,
+        FROM_TABLE=from_table,
+        BLOCK_B=block_b,
+        BLOCK_E=block_e,
+    )
+    return out

@@ -1,0 +1,319 @@
+"""The fused ops on every backend usable here, against float64 torch on fresh random inputs.
+
+Triton runs on CPU tensors in its interpreter (TRITON_INTERPRET=1); its cases are kept few and small.
+Every kernel writes into a NaN-poisoned `out`, so an element it never writes fails the test.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import ast  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moee_fast import ops  # noqa: E402
+
+BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(name not in ops.available_backends(), reason=f"{name} not usable here"))
+    for name in ("torch", "cpp", "triton")
+]
+SOFTMAX_TOL = 5e-6
+COSINE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def fresh_generator():
+    """Fresh random inputs every run; the seed is printed so pytest shows it with a failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_close(out, ref, tol, what):
+    """Relative Frobenius error and max abs error both within tol; NaN anywhere fails."""
+    assert not torch.isnan(out).any(), f"{what}: NaN in output (an element was not written?)"
+    diff = out.double() - ref
+    relative = (diff.norm() / ref.norm().clamp_min(1e-30)).item()
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    assert relative <= tol and max_abs <= tol, f"{what}: relative error {relative:.3g}, max abs {max_abs:.3g} > {tol}"
+
+
+def reference_cosine(a, b):
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return a @ b.T
+
+
+def reference_combined(a_hs, a_rw, b_hs, b_rw, alpha):
+    return reference_cosine(a_hs, b_hs) + alpha * reference_cosine(a_rw, b_rw)
+
+
+def embeddings(n, hidden, n_layers, n_experts, dtype, generator, rw_3d=False):
+    hs = torch.randn(n, hidden, generator=generator).to(dtype)
+    rw = torch.softmax(torch.randn(n, n_layers, n_experts, generator=generator), dim=-1).to(dtype)
+    return hs, (rw if rw_3d else rw.flatten(1))
+
+
+# ------------------------------------------------------------------------------ gather + softmax
+
+# (B, L, E, dtype, rows per layer); the last case gives each layer its own row count and a row stride > E.
+GATHER_CASES = [
+    (1, 1, 8, torch.float32, None),
+    (37, 27, 60, torch.bfloat16, None),
+    (128, 16, 64, torch.float32, None),
+    (53, 3, 64, torch.float32, "ragged"),
+]
+
+
+def router_logits(batch, n_layers, n_experts, dtype, layout, generator):
+    tokens = 5
+    if layout == "ragged":
+        wide = [torch.randn(batch * tokens + 3 * layer, n_experts + 7, generator=generator) for layer in range(n_layers)]
+        logits = [w[:, :n_experts].to(dtype) for w in wide]  # row stride n_experts + 7
+    else:
+        logits = [(4 * torch.randn(batch * tokens, n_experts, generator=generator)).to(dtype) for _ in range(n_layers)]
+    rows = torch.arange(batch) * tokens + torch.randint(0, tokens, (batch,), generator=generator)
+    return logits, rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", GATHER_CASES, ids=lambda c: f"B{c[0]}-L{c[1]}-E{c[2]}-{str(c[3])[6:]}-{c[4]}")
+def test_gather_router_softmax_matches_float64(backend, case):
+    batch, n_layers, n_experts, dtype, layout = case
+    logits, rows = router_logits(batch, n_layers, n_experts, dtype, layout, fresh_generator())
+    ref = torch.stack([layer.double()[rows] for layer in logits], dim=1).softmax(dim=-1)
+    out = torch.full((batch, n_layers, n_experts), float("nan"))
+    result = ops.gather_router_softmax(logits, rows, backend=backend, out=out)
+    assert result.data_ptr() == out.data_ptr() and result.dtype == torch.float32
+    assert_close(out, ref, SOFTMAX_TOL, f"gather_router_softmax[{backend}]")
+    # The encoder's per-layer call: a one-element list, no out.
+    single = ops.gather_router_softmax(logits[-1:], rows, backend=backend)
+    assert single.shape == (batch, 1, n_experts)
+    assert_close(single, ref[:, -1:], SOFTMAX_TOL, f"gather_router_softmax[{backend}] one layer")
+
+
+def test_gather_router_softmax_is_stable_for_huge_logits():
+    logits = [torch.tensor([[1e4, 0.0, -1e4, 1e4 - 1.0]])]
+    for backend in ops.available_backends():
+        probs = ops.gather_router_softmax(logits, torch.tensor([0]), backend=backend)[0, 0]
+        expected = torch.tensor([1.0, 0.0, 0.0, 1.0 / torch.e]).double()
+        assert_close(probs, expected / expected.sum(), SOFTMAX_TOL, backend)
+
+
+# ------------------------------------------------------------------------------ combined cosine
+
+# (Na, Nb, H, L, E, dtype, alpha, rw given as [N, L, E])
+COSINE_CASES = [
+    (1, 37, 64, 2, 8, torch.float32, 1.0, False),
+    (37, 53, 4096, 27, 64, torch.float32, 0.5, False),
+    (53, 128, 4096, 27, 64, torch.bfloat16, 1.0, False),
+    (128, 37, 300, 16, 60, torch.float32, -2.0, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", COSINE_CASES, ids=lambda c: f"{c[0]}x{c[1]}-H{c[2]}-L{c[3]}E{c[4]}-{str(c[5])[6:]}")
+def test_combined_cosine_matches_float64(backend, case):
+    n_a, n_b, hidden, n_layers, n_experts, dtype, alpha, rw_3d = case
+    generator = fresh_generator()
+    a_hs, a_rw = embeddings(n_a, hidden, n_layers, n_experts, dtype, generator, rw_3d)
+    b_hs, b_rw = embeddings(n_b, hidden, n_layers, n_experts, dtype, generator, rw_3d)
+    out = torch.full((n_a, n_b), float("nan"))
+    result = ops.combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=alpha, backend=backend, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert_close(out, reference_combined(a_hs, a_rw, b_hs, b_rw, alpha), COSINE_TOL[dtype], f"combined_cosine[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combined_cosine_mixed_stream_dtypes_and_zero_vectors(backend):
+    """bf16 hidden states with fp32 routing weights (what the encoder emits), zero rows on both sides."""
+    generator = fresh_generator()
+    a_hs, a_rw = embeddings(5, 96, 4, 8, torch.float32, generator)
+    b_hs, b_rw = embeddings(7, 96, 4, 8, torch.float32, generator)
+    a_hs, b_hs = a_hs.bfloat16(), b_hs.bfloat16()
+    a_hs[1] = 0
+    b_rw[2] = 0
+    scores = ops.combined_cosine(a_hs, a_rw, b_hs, b_rw, backend=backend)
+    assert torch.isfinite(scores).all()
+    assert_close(scores, reference_combined(a_hs, a_rw, b_hs, b_rw, 1.0), COSINE_TOL[torch.bfloat16], backend)
+    assert_close(scores[1], reference_cosine(a_rw, b_rw)[1], COSINE_TOL[torch.float32], "zero hs row")
+
+
+def test_auto_matches_the_reference_on_cpu():
+    generator = fresh_generator()
+    a_hs, a_rw = embeddings(9, 32, 2, 8, torch.float32, generator)
+    b_hs, b_rw = embeddings(11, 32, 2, 8, torch.float32, generator)
+    auto = ops.combined_cosine(a_hs, a_rw, b_hs, b_rw, backend="auto")
+    assert_close(auto, reference_combined(a_hs, a_rw, b_hs, b_rw, 1.0), COSINE_TOL[torch.float32], "auto")
+    # The interpreter is for testing kernels, never a choice auto makes for CPU tensors.
+    for op in ("gather_router_softmax", "combined_cosine", "topk_combined_cosine"):
+        assert ops._resolve_backend(op, "auto", torch.device("cpu")) in ("cpp", "torch")
+
+
+# ----------------------------------------------------------------------------------------- top-k
+
+# (Nq, Nc, H, L, E, k, corpus_tile, dtype): single tile, many tiles with a ragged last one, k = Nc.
+TOPK_CASES = [
+    (1, 37, 64, 2, 8, 1, None, torch.float32),
+    (37, 128, 256, 16, 64, 10, 20, torch.float32),
+    (53, 128, 4096, 27, 64, 128, 40, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: f"{c[0]}x{c[1]}-k{c[5]}-tile{c[6]}-{str(c[7])[6:]}")
+def test_topk_combined_cosine_matches_full_matrix(backend, case):
+    n_queries, n_corpus, hidden, n_layers, n_experts, k, corpus_tile, dtype = case
+    generator = fresh_generator()
+    q_hs, q_rw = embeddings(n_queries, hidden, n_layers, n_experts, dtype, generator)
+    c_hs, c_rw = embeddings(n_corpus, hidden, n_layers, n_experts, dtype, generator)
+    full = reference_combined(q_hs, q_rw, c_hs, c_rw, 0.7)
+    values = torch.full((n_queries, k), float("nan"))
+    indices = torch.full((n_queries, k), -1, dtype=torch.int64)
+    ops.topk_combined_cosine(
+        q_hs, q_rw, c_hs, c_rw, k, alpha=0.7, backend=backend, out=(values, indices), corpus_tile=corpus_tile
+    )
+    tol = COSINE_TOL[dtype]
+    assert_close(values, full.topk(k, dim=1).values, tol, f"top-k values[{backend}]")
+    assert (values[:, :-1] >= values[:, 1:]).all(), "values are not descending"
+    assert ((indices >= 0) & (indices < n_corpus)).all()
+    assert all(len(set(row.tolist())) == k for row in indices), "an index repeats within a row"
+    # Indices point at their values (ties may pick different rows with the same value).
+    assert_close(values, full.gather(1, indices), tol, f"top-k indices[{backend}]")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])  # the interpreter is slow
+def test_topk_memory_grows_with_tile_not_corpus(backend):
+    """1,000 queries x 200,000 passages: the full fp32 score matrix alone would be 800 MB."""
+    n_queries, n_corpus, k, corpus_tile = 1000, 200_000, 10, 4096
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from moee_fast import ops
+        g = torch.Generator().manual_seed(0)
+        q_hs, q_rw = torch.randn({n_queries}, 8, generator=g), torch.rand({n_queries}, 8, generator=g)
+        c_hs, c_rw = torch.randn({n_corpus}, 8, generator=g), torch.rand({n_corpus}, 8, generator=g)
+        ops.topk_combined_cosine(q_hs[:2], q_rw[:2], c_hs[:64], c_rw[:64], 3, backend="{backend}")  # load everything
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        values, indices = ops.topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, {k}, backend="{backend}", corpus_tile={corpus_tile})
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert values.shape == ({n_queries}, {k}) and int(indices.max()) < {n_corpus}
+        print((after - before) * 1024)
+    """)
+    # glibc would otherwise keep freed tile buffers in its heap, so RSS would count memory no longer in use.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    peak_growth = int(result.stdout.split()[-1])
+    full_matrix = n_queries * n_corpus * 4
+    one_tile = n_queries * (k + corpus_tile) * 4
+    # The C++ op holds one tile of scores; the torch reference four tile-sized buffers at once (scores,
+    # their concat with the running top-k, int64 candidate indices). Both are far below the full matrix.
+    assert peak_growth < 6 * one_tile, f"peak grew {peak_growth / 2**20:.0f} MiB for a {one_tile / 2**20:.0f} MiB tile"
+    assert peak_growth < full_matrix / 8
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def pair(n, hidden=16, rw_width=8, dtype=torch.float32):
+    return torch.randn(n, hidden, dtype=dtype), torch.rand(n, rw_width, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(b_hs=torch.randn(4, 12)), ValueError, "a_hs width 16 != b_hs width 12"),
+        (dict(b_rw=torch.rand(4, 9)), ValueError, "a_rw width 8 != b_rw width 9"),
+        (dict(b_hs=torch.randn(4, 16, dtype=torch.bfloat16)), TypeError, "a_hs is torch.float32 but b_hs is torch.bfloat16"),
+        (dict(b_rw=torch.rand(4, 8, dtype=torch.float64)), TypeError, "a_rw is torch.float32 but b_rw is torch.float64"),
+        (dict(b_hs=torch.randn(4, 16, device="meta")), ValueError, "one device"),
+        (dict(b_rw=torch.rand(5, 8)), ValueError, "b_hs has 4 rows but b_rw has 5"),
+        (dict(alpha=float("nan")), ValueError, "alpha must be a finite number"),
+        (dict(alpha=float("inf")), ValueError, "alpha must be a finite number"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(out=torch.empty(3, 3)), ValueError, r"out must be a torch.float32 tensor of shape \(3, 4\)"),
+    ],
+)
+def test_combined_cosine_rejects_bad_input(change, error, message):
+    a_hs, a_rw = pair(3)
+    b_hs, b_rw = pair(4)
+    kwargs = {**dict(a_hs=a_hs, a_rw=a_rw, b_hs=b_hs, b_rw=b_rw), **change}
+    with pytest.raises(error, match=message):
+        ops.combined_cosine(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(k=0), r"k must be an integer in \[1, Nc=6\], got 0"),
+        (dict(k=7), r"k must be an integer in \[1, Nc=6\], got 7"),
+        (dict(c_hs=torch.randn(6, 15)), "q_hs width 16 != c_hs width 15"),
+        (dict(c_rw=torch.rand(6, 2, 3)), "q_rw width 8 != c_rw width 6"),
+        (dict(alpha=float("-inf")), "alpha must be a finite number"),
+        (dict(corpus_tile=0), "corpus_tile must be a positive integer"),
+    ],
+)
+def test_topk_combined_cosine_rejects_bad_input(change, message):
+    q_hs, q_rw = pair(3)
+    c_hs, c_rw = pair(6)
+    kwargs = {**dict(q_hs=q_hs, q_rw=q_rw, c_hs=c_hs, c_rw=c_rw, k=2), **change}
+    with pytest.raises(ValueError, match=message):
+        ops.topk_combined_cosine(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("bad_row", [10, -1])
+def test_gather_router_softmax_rejects_rows_out_of_range(backend, bad_row):
+    logits = [torch.randn(12, 8), torch.randn(10, 8)]  # the shorter layer bounds the valid rows
+    with pytest.raises(IndexError, match=f"rows holds {bad_row}, out of range for router logits with 10 rows"):
+        ops.gather_router_softmax(logits, torch.tensor([0, bad_row]), backend=backend)
+
+
+@pytest.mark.parametrize(
+    "logits, rows, error, message",
+    [
+        ([], torch.tensor([0]), ValueError, "router_logits must be a non-empty sequence"),
+        (torch.randn(4, 8), torch.tensor([0]), ValueError, "router_logits must be a non-empty sequence"),
+        ([torch.randn(4, 8), torch.randn(4, 6)], torch.tensor([0]), ValueError, r"router_logits\[1\] has 6 experts"),
+        ([torch.randn(4, 8)], torch.tensor([0.0]), TypeError, "rows must hold integers"),
+        ([torch.randn(4, 8)], torch.tensor([[0]]), ValueError, "rows must be a 1-D integer tensor"),
+        ([torch.randn(4, 8, device="meta")], torch.tensor([0]), ValueError, "rows is on cpu but router_logits are on meta"),
+    ],
+)
+def test_gather_router_softmax_rejects_bad_input(logits, rows, error, message):
+    with pytest.raises(error, match=message):
+        ops.gather_router_softmax(logits, rows)
+
+
+def test_unavailable_backends_raise_clear_errors(monkeypatch):
+    a_hs, a_rw = pair(2)
+    monkeypatch.setattr(ops, "_CPP_IMPORT_ERROR", ImportError("no module named moee_fast._C"))
+    with pytest.raises(RuntimeError, match="backend 'cpp' is not available: the C\\+\\+ extension moee_fast._C"):
+        ops.combined_cosine(a_hs, a_rw, a_hs, a_rw, backend="cpp")
+    assert "cpp" not in ops.available_backends()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors"):
+            ops.combined_cosine(a_hs, a_rw, a_hs, a_rw, backend="triton")
+
+
+def test_ops_import_without_triton():
+    """triton is optional: the module imports and the CPU backends work when it cannot be imported."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` fail
+        import torch
+        from moee_fast import ops
+        assert "triton" not in ops.available_backends(), ops.available_backends()
+        x = torch.randn(3, 4)
+        print(ops.combined_cosine(x, x.abs(), x, x.abs()).diagonal().tolist())
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ast.literal_eval(result.stdout) == pytest.approx([2.0] * 3, abs=1e-5)
