@@ -1,0 +1,124 @@
+"""Benchmark models: random-weight checkpoints with the real families' proportions.
+
+Throughput does not depend on trained values, so each is built from its family's real config,
+scaled down for a CPU (full-size shapes are in gpu_report.py), and saved with save_pretrained in
+the real per-expert layout. Each "scaled" vocabulary is sized so the LM head is about 10% of
+the forward's FLOPs, as in the full models; the tokenizer itself is small (ids stay below its
+size), which changes no FLOP count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def scaled_configs() -> dict:
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+
+    from moee_fast.models.deepseek import DeepseekConfig
+
+    # OLMoE-1B-7B: H 2048, 16 layers, 16 heads, 64 experts, top-8, expert width H/2, vocab ~25H.
+    olmoe = OlmoeConfig(
+        hidden_size=256, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, vocab_size=7168,
+        max_position_embeddings=4096,
+    )
+    # Mixtral-8x7B: H 4096, 8 experts, top-2, expert width 3.5H, GQA 32/8.
+    mixtral = MixtralConfig(
+        hidden_size=256, intermediate_size=896, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096,
+        max_position_embeddings=4096,
+    )
+    # Qwen1.5-MoE-A2.7B: H 2048, 60 experts, top-4, expert width 0.7H, shared expert 2.8H.
+    qwen2_moe = Qwen2MoeConfig(
+        hidden_size=256, intermediate_size=704, moe_intermediate_size=176, shared_expert_intermediate_size=704,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, num_experts=60,
+        num_experts_per_tok=4, vocab_size=8192, max_position_embeddings=4096,
+    )
+    # DeepSeekMoE-16B: H 2048, first layer dense, 64 routed + 2 shared experts, top-6, width 0.69H.
+    deepseek = DeepseekConfig(
+        hidden_size=256, intermediate_size=1368, moe_intermediate_size=176, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, vocab_size=8192,
+        max_position_embeddings=4096,
+    )
+    return {"olmoe": olmoe, "mixtral": mixtral, "qwen2_moe": qwen2_moe, "deepseek": deepseek}
+
+
+def build_checkpoint(name: str, root: str, config=None) -> str:
+    """Save a random-weight checkpoint of `name` (a key of scaled_configs) under `root`, once."""
+    from moee_fast.demo import SAMPLE_TEXTS, build_tokenizer
+
+    path = os.path.join(root, f"bench-{name}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    config = config or scaled_configs()[name]
+    tokenizer = build_tokenizer(SAMPLE_TEXTS * 20, vocab_size=600)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    torch.manual_seed(0)
+    save_random_causal_lm(config, path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_random_causal_lm(config, path: str) -> None:
+    if config.model_type == "deepseek":
+        from moee_fast.models.deepseek import save_random_checkpoint
+
+        save_random_checkpoint(config, path)
+        return
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    for param in model.parameters():  # real checkpoints are not all 0/1: avoid degenerate routing
+        if param.dim() >= 2:
+            torch.nn.init.normal_(param, std=0.02)
+    model.save_pretrained(path)
+
+
+def embedding_flops(model, lengths: list[int]) -> float:
+    """FLOPs the embedding needs for texts of these token lengths (no padding, no LM head): every
+    layer for every token, except the last layer, which needs keys and values for every token
+    but queries, output projection and MLP/MoE for the last token only."""
+    config = model.config
+    layers = model.layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv, q_o, mlp = [], [], []
+    for layer in layers:
+        linears = [(n, m) for n, m in layer.self_attn.named_modules() if isinstance(m, torch.nn.Linear)]
+        kv.append(sum(2 * m.weight.numel() for n, m in linears if _is_key_value(n)))
+        q_o.append(sum(2 * m.weight.numel() for n, m in linears if not _is_key_value(n)))
+        mlp.append(_mlp_flops_per_token(layer.mlp, config))
+    scores = 4 * heads * head_dim  # q.k and p.v per (query, key) pair
+    total = 0.0
+    for n in lengths:
+        body = 0.0
+        for i in range(len(layers) - 1):
+            body += n * (kv[i] + q_o[i] + mlp[i]) + scores * n * (n + 1) / 2  # causal: p attends p+1 keys
+        total += body + n * kv[-1] + q_o[-1] + mlp[-1] + scores * n
+    return total
+
+
+def _is_key_value(name: str) -> bool:
+    return any(part in name for part in ("k_proj", "v_proj", "kv_"))
+
+
+def _mlp_flops_per_token(mlp, config) -> float:
+    experts = getattr(mlp, "experts", None)
+    flops = 0.0
+    for name, module in mlp.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith("experts"):
+            flops += 2 * module.weight.numel()
+    router = getattr(mlp, "gate", None)
+    if router is not None and not isinstance(router, torch.nn.Linear):
+        flops += 2 * router.weight.numel()
+    if experts is not None:
+        params = sum(p.numel() for p in experts.parameters())
+        count = experts.gate_up_proj.shape[0]
+        flops += 2 * config.num_experts_per_tok * params / count
+    return flops
