@@ -1,7 +1,6 @@
 """CPU timings of the fused ops, C++ extension vs the torch reference, at realistic sizes.
 
-Run: pytest benchmarks/bench_ops.py --benchmark-only   (the project's addopts carry --benchmark-skip,
-which --benchmark-enable alone does not lift)
+Run: pytest benchmarks/bench_ops.py
 Each group prints the two backends side by side; "auto" in moee_fast/ops.py follows these numbers.
 Scoring is scaled down from 1k queries x 100k passages (minutes per round on a small CPU) to 1k x 10k
 for the full matrix and 1k x 20k for top-k: both are GEMM-bound, so time scales linearly with passages.

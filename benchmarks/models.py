@@ -14,32 +14,33 @@ import os
 import torch
 
 
-def scaled_configs() -> dict:
+def scaled_configs(num_hidden_layers: int | None = None) -> dict:
+    """The CPU-sized benchmark configs; `num_hidden_layers` overrides every family's depth."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
     from moee_fast.models.deepseek import DeepseekConfig
 
     # OLMoE-1B-7B: H 2048, 16 layers, 16 heads, 64 experts, top-8, expert width H/2, vocab ~25H.
     olmoe = OlmoeConfig(
-        hidden_size=256, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+        hidden_size=256, intermediate_size=128, num_hidden_layers=num_hidden_layers or 16, num_attention_heads=4,
         num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, vocab_size=7168,
         max_position_embeddings=4096,
     )
     # Mixtral-8x7B: H 4096, 8 experts, top-2, expert width 3.5H, GQA 32/8.
     mixtral = MixtralConfig(
-        hidden_size=256, intermediate_size=896, num_hidden_layers=8, num_attention_heads=8,
+        hidden_size=256, intermediate_size=896, num_hidden_layers=num_hidden_layers or 8, num_attention_heads=8,
         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096,
         max_position_embeddings=4096,
     )
     # Qwen1.5-MoE-A2.7B: H 2048, 60 experts, top-4, expert width 0.7H, shared expert 2.8H.
     qwen2_moe = Qwen2MoeConfig(
         hidden_size=256, intermediate_size=704, moe_intermediate_size=176, shared_expert_intermediate_size=704,
-        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, num_experts=60,
+        num_hidden_layers=num_hidden_layers or 8, num_attention_heads=4, num_key_value_heads=4, num_experts=60,
         num_experts_per_tok=4, vocab_size=8192, max_position_embeddings=4096,
     )
     # DeepSeekMoE-16B: H 2048, first layer dense, 64 routed + 2 shared experts, top-6, width 0.69H.
     deepseek = DeepseekConfig(
-        hidden_size=256, intermediate_size=1368, moe_intermediate_size=176, num_hidden_layers=8,
+        hidden_size=256, intermediate_size=1368, moe_intermediate_size=176, num_hidden_layers=num_hidden_layers or 8,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=64, n_shared_experts=2,
         num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, vocab_size=8192,
         max_position_embeddings=4096,

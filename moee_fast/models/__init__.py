@@ -2,11 +2,10 @@
 
 NATIVE_LOADERS maps a config `model_type` to a loader
 `(name_or_path, config, dtype, device, **hf_kwargs) -> base model` (no LM head).
-Importing this package also registers those families' configs with transformers' AutoConfig
-and their adapters, so no checkpoint code is ever needed to read them.
+Importing this package also registers those families' configs with transformers' AutoConfig,
+so no checkpoint code is ever needed to read them.
 """
 
-from ..adapters import deepseek as _deepseek_adapter  # noqa: F401  (registers the adapter)
 from .deepseek import DeepseekConfig, DeepseekModel, load_deepseek
 
 NATIVE_LOADERS: dict = {"deepseek": load_deepseek}
