@@ -36,7 +36,7 @@ from torch import nn
 from corpus import synthetic_corpus
 from gpu_ops_report import bf16_gemm_tflops
 from models import embedding_flops
-from reference_path import reference_encode
+from reference_path import DeepseekCausalLM, reference_encode
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -165,50 +165,6 @@ def randomize_(model: nn.Module, std: float = 0.02) -> None:
             param.fill_(1.0)
         else:
             param.zero_()
-
-
-class DeepseekCausalLM(nn.Module):
-    """The reference path's view of DeepSeekMoE: the base model plus an LM head over every token,
-    every layer's hidden state kept and every MoE router's logits for all tokens returned, as the
-    checkpoint's own causal-LM code does (moee-fast never runs that code, so this stands in)."""
-
-    def __init__(self, model: nn.Module, lm_head: nn.Linear):
-        super().__init__()
-        self.model, self.lm_head = model, lm_head
-        from moee_fast.adapters import adapter_for
-
-        adapter = adapter_for(model.config.model_type, model)
-        self.routers, self.logits_index = adapter.routers(model), adapter.logits_position(model)
-
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, output_router_logits=False, **_):
-        hidden_states, router_logits = [], []
-        handles = []
-        if output_hidden_states:
-            for module in (self.model.embed_tokens, *self.model.layers):
-                handles.append(module.register_forward_hook(_appender(hidden_states)))
-        if output_router_logits:
-            for router in self.routers:
-                handles.append(router.register_forward_hook(_appender(router_logits, self.logits_index)))
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if output_hidden_states:
-            hidden_states[-1] = out.last_hidden_state  # the last entry is after the final norm
-        return _CausalLMOutput(self.lm_head(out.last_hidden_state), tuple(hidden_states), tuple(router_logits))
-
-
-def _appender(store: list, index: int | None = None):
-    """A forward hook that appends the module's output (or its `index`-th element) to `store`."""
-    return lambda module, args, output: store.append(output if index is None else output[index])
-
-
-@dataclass
-class _CausalLMOutput:
-    logits: torch.Tensor
-    hidden_states: tuple
-    router_logits: tuple
 
 
 def build_causal_lm(config, device: torch.device, dtype: torch.dtype):

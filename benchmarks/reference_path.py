@@ -50,19 +50,21 @@ def reference_encode(model, tokenizer, texts: list[str], batch_size: int = 128, 
 
 
 class DeepseekCausalLM(torch.nn.Module):
-    """DeepSeekMoE as its published causal-LM code runs it (transformers has no class for it):
-    the base model, every layer's hidden states and all-token router logits kept, and the LM
-    head over the whole vocabulary for every token, in fp32."""
+    """The reference path's view of DeepSeekMoE: the base model plus an LM head over every token,
+    every layer's hidden state kept and every MoE router's logits for all tokens returned, as the
+    checkpoint's own causal-LM code does (moee-fast never runs that code, so this stands in)."""
 
-    def __init__(self, base, lm_head_weight):
+    def __init__(self, model: torch.nn.Module, lm_head: torch.nn.Linear):
         super().__init__()
-        self.model = base
-        self.lm_head = torch.nn.Linear(lm_head_weight.shape[1], lm_head_weight.shape[0], bias=False)
-        self.lm_head.weight = torch.nn.Parameter(lm_head_weight.to(base.dtype), requires_grad=False)
-        self.config = base.config
+        self.model, self.lm_head = model, lm_head
+        from moee_fast.adapters import adapter_for
+
+        adapter = adapter_for(model.config.model_type, model)
+        self.routers, self.logits_index = adapter.routers(model), adapter.logits_position(model)
 
     @classmethod
-    def from_checkpoint(cls, path, dtype, device):
+    def from_checkpoint(cls, path: str, dtype, device):
+        """Base model through moee-fast's loader, LM head read from the checkpoint's shards."""
         import json
         import os
 
@@ -70,29 +72,36 @@ class DeepseekCausalLM(torch.nn.Module):
 
         from moee_fast.models import load_deepseek
 
-        base = load_deepseek(path, config=None, dtype=dtype, device=torch.device(device)).eval()
+        base = load_deepseek(path, config=None, dtype=dtype, device=torch.device(device))
         index = os.path.join(path, "model.safetensors.index.json")
         shard = json.load(open(index))["weight_map"]["lm_head.weight"] if os.path.isfile(index) else "model.safetensors"
         with safe_open(os.path.join(path, shard), framework="pt") as f:
-            weight = f.get_tensor("lm_head.weight")
-        return cls(base, weight).to(device).eval()
+            weight = f.get_tensor("lm_head.weight").to(dtype)
+        lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
+        lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return cls(base, lm_head).to(device).eval()
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=True, output_router_logits=True):
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, output_router_logits=False, **_):
         from types import SimpleNamespace
 
-        hidden, router_logits = [], []
-        hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in self.model.layers]
-        hooks += [r.register_forward_hook(lambda m, a, out: router_logits.append(out[0])) for r in _routers(self.model)]
+        hidden_states, router_logits, handles = [], [], []
+        if output_hidden_states:
+            for module in (self.model.embed_tokens, *self.model.layers):
+                handles.append(module.register_forward_hook(_appender(hidden_states)))
+        if output_router_logits:
+            for router in self.routers:
+                handles.append(router.register_forward_hook(_appender(router_logits, self.logits_index)))
         try:
-            last = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
-            for hook in hooks:
-                hook.remove()
-        logits = self.lm_head(last).float()
-        return SimpleNamespace(logits=logits, hidden_states=(*hidden[:-1], last), router_logits=tuple(router_logits))
+            for handle in handles:
+                handle.remove()
+        if output_hidden_states:
+            hidden_states[-1] = out.last_hidden_state  # the last entry is after the final norm
+        logits = self.lm_head(out.last_hidden_state).float()
+        return SimpleNamespace(logits=logits, hidden_states=tuple(hidden_states), router_logits=tuple(router_logits))
 
 
-def _routers(model):
-    from moee_fast.adapters import adapter_for
-
-    return adapter_for(model.config.model_type, model).routers(model)
+def _appender(store: list, index: int | None = None):
+    """A forward hook that appends the module's output (or its `index`-th element) to `store`."""
+    return lambda module, args, output: store.append(output if index is None else output[index])

@@ -48,7 +48,7 @@ class _LastTokenTap:
         # A trimmed last layer routes only the B last tokens; every other layer routes B*T rows.
         rows = self.rows if logits.shape[0] != batch else torch.arange(batch, device=logits.device)
         if self.scoring == "softmax":
-            self.kept.append(ops.gather_router_softmax([logits], rows)[:, 0])
+            self.kept.append(ops.gather_router_softmax([logits], rows, check_rows=False)[:, 0])
         elif self.scoring == "sigmoid":
             self.kept.append(torch.sigmoid(logits.index_select(0, rows).float()))
         else:  # "logits": the raw router scores
@@ -81,13 +81,14 @@ class MoEEncoder:
     """
 
     def __init__(self, model: nn.Module, tokenizer, adapter: Adapter, name: str = "", token_budget: int | None = None):
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # inference only, in every thread
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
         self.device = next(model.parameters()).device
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
         self.routers = adapter.routers(model)
+        self._warned_oom = False
         self._tap = _LastTokenTap(self.routers, adapter.logits_position(model), adapter.scoring)
         self._trim_hooks = self._install_last_token_trim()
 
@@ -201,15 +202,16 @@ class MoEEncoder:
         except torch.OutOfMemoryError:
             if len(batch.indices) == 1:
                 raise
+        # Retried here, outside the handler: its traceback pins the failed forward's activations.
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            if not getattr(self, "_warned_oom", False):
-                warnings.warn(f"out of memory at {batch.padded_tokens} padded tokens: splitting batches", stacklevel=3)
-                self._warned_oom = True
-            self.token_budget = max(1, batch.padded_tokens // 2)
-            half = len(batch.indices) // 2
-            parts = [Batch(batch.indices[:half], batch.max_len), Batch(batch.indices[half:], batch.max_len)]
-            results = [self._run(ids, part) for part in parts]
-            return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+        if not self._warned_oom:
+            warnings.warn(f"out of memory at {batch.padded_tokens} padded tokens: splitting batches", stacklevel=3)
+            self._warned_oom = True
+        self.token_budget = max(1, batch.padded_tokens // 2)
+        half = len(batch.indices) // 2
+        parts = [self._run(ids, Batch(batch.indices[:half], batch.max_len)), self._run(ids, Batch(batch.indices[half:], batch.max_len))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _collate(self, ids: list[list[int]], indices: list[int]):
         """Right-padded input ids, the attention mask (None when no row is padded), last positions."""

@@ -151,14 +151,14 @@ def _check_out(out, shape, dtype, device, name="out"):
         raise ValueError(f"{name} must be contiguous")
 
 
-def _check_rows(rows, n_rows, device):
+def _check_rows(rows, n_rows, device, check_range=True):
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
         raise ValueError(f"rows must be a 1-D integer tensor, got {rows!r:.80}")
     if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
         raise TypeError(f"rows must hold integers, got {rows.dtype}")
     if rows.device != device:
         raise ValueError(f"rows is on {rows.device} but router_logits are on {device}")
-    if rows.numel():
+    if check_range and rows.numel():
         low, high = torch.stack(torch.aminmax(rows)).tolist()  # one host sync for the whole range check
         if low < 0 or high >= n_rows:
             bad = low if low < 0 else high
@@ -208,11 +208,13 @@ def _torch_topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile):
 # ------------------------------------------------------------------------------------------ ops
 
 
-def gather_router_softmax(router_logits, rows, backend="auto", out=None):
+def gather_router_softmax(router_logits, rows, backend="auto", out=None, check_rows=True):
     """Softmax over experts of each sequence's last-token router row, for every MoE layer.
 
     router_logits: sequence of L tensors [rows_l, E] (any float dtype, row counts may differ per layer);
     rows: int64 [B], the flat row of each sequence's last token -> float32 [B, L, E].
+    check_rows=False skips the range check of `rows` (one device-to-host sync per call) for callers
+    that built `rows` themselves, like the encoder once per MoE layer.
     """
     if isinstance(router_logits, torch.Tensor) or not isinstance(router_logits, Sequence) or not router_logits:
         raise ValueError("router_logits must be a non-empty sequence of [rows, E] tensors (one per MoE layer)")
@@ -225,7 +227,7 @@ def gather_router_softmax(router_logits, rows, backend="auto", out=None):
             raise ValueError(f"router_logits[{layer}] has {logits.shape[1]} experts, router_logits[0] has {n_experts}")
         if logits.device != device:
             raise ValueError(f"router_logits[{layer}] is on {logits.device}, router_logits[0] on {device}")
-    rows = _check_rows(rows, min(logits.shape[0] for logits in router_logits), device)
+    rows = _check_rows(rows, min(logits.shape[0] for logits in router_logits), device, check_rows)
     shape = (rows.shape[0], len(router_logits), n_experts)
     if out is not None:
         _check_out(out, shape, torch.float32, device)

@@ -1,0 +1,104 @@
+"""moee-fast vs the reference path (the published evaluation loop), side by side, on CPU.
+
+Run: pytest benchmarks/bench_encode.py
+Same checkpoint, texts and machine, in one run: texts/s, tokens/s, peak memory, and useful
+GFLOP/s as a fraction of the fp32 matmul peak measured in the same run. Set
+MOEE_FAST_BENCH_TEXTS=path.txt (or .jsonl) to use real texts instead of the synthetic mix.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import RESULTS
+from corpus import load_corpus, synthetic_corpus
+from memory import peak_memory_mib
+from models import build_checkpoint, embedding_flops
+from reference_path import load_reference_model, reference_encode
+
+from moee_fast import MoEEncoder
+from moee_fast.batching import plan_batches
+
+# Corpus sizes: the reference path pads every batch of 128 to its longest passage, so it needs
+# minutes where moee-fast needs seconds; these keep one reference round to about a minute.
+N_TEXTS = {"olmoe": 128, "mixtral": 128, "qwen2_moe": 64, "deepseek": 64}
+REFERENCE_BATCH = 128
+
+
+def _corpus(tokenizer, model: str) -> list[str]:
+    path = os.environ.get("MOEE_FAST_BENCH_TEXTS")
+    if path:
+        return load_corpus(path, limit=N_TEXTS[model])
+    return synthetic_corpus(tokenizer, N_TEXTS[model], seed=0)
+
+
+_ENCODERS: dict[str, MoEEncoder] = {}
+
+
+def _encoder(model: str, bench_dir: str) -> MoEEncoder:
+    if model not in _ENCODERS:
+        _ENCODERS[model] = MoEEncoder.from_pretrained(build_checkpoint(model, bench_dir), device="cpu")
+    return _ENCODERS[model]
+
+
+def _max_rel_diff(a, b) -> float:
+    return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max())
+
+
+@pytest.mark.parametrize("model", list(N_TEXTS))
+def test_encode_throughput(benchmark, model, bench_dir, fp32_peak):
+    benchmark.group = f"encode {model}"
+    enc = _encoder(model, bench_dir)
+    texts = _corpus(enc.tokenizer, model)
+    lengths = [len(ids) for ids in enc.tokenizer(texts)["input_ids"]]
+    flops = embedding_flops(enc.model, lengths)
+
+    enc.encode(texts[:8])  # warm-up: first-call allocations and lazy initialisation
+    out = benchmark.pedantic(enc.encode, args=(texts,), rounds=3, iterations=1)
+    _, peak = peak_memory_mib(enc.encode, texts)
+    ours_padded = sum(b.padded_tokens for b in plan_batches(lengths, enc.token_budget))
+
+    ref_model, ref_tokenizer = load_reference_model(enc.name)
+    reference_encode(ref_model, ref_tokenizer, texts[:4])
+    # One round: the reference takes about a minute per corpus.
+    start = time.perf_counter()
+    (ref_hs, ref_rw), ref_peak = peak_memory_mib(reference_encode, ref_model, ref_tokenizer, texts, REFERENCE_BATCH)
+    ref_seconds = time.perf_counter() - start
+    ref_padded = sum(
+        len(chunk) * max(chunk) for chunk in (lengths[i : i + REFERENCE_BATCH] for i in range(0, len(lengths), REFERENCE_BATCH))
+    )
+    del ref_model
+
+    diff = max(_max_rel_diff(out.hs, ref_hs), _max_rel_diff(out.rw, ref_rw))
+    common = dict(model=model, texts=len(texts), tokens=sum(lengths), flops=flops)
+    RESULTS["encode"].append(dict(common, path="moee-fast", seconds=benchmark.stats.stats.median, padded_tokens=ours_padded, peak_mib=peak, max_rel_diff=diff))
+    RESULTS["encode"].append(dict(common, path="reference", seconds=ref_seconds, padded_tokens=ref_padded, peak_mib=ref_peak, max_rel_diff=0.0))
+    assert diff <= 1e-4, f"{model}: moee-fast differs from the reference path by {diff:.1e}"
+
+
+@pytest.mark.parametrize("batch,length", [(8, 128), (8, 512), (32, 128), (32, 512)])
+def test_memory_curve(model_for_memory, batch, length, bench_dir):
+    """Peak memory of one forward: the reference path keeps every layer's hidden states and the
+    full-vocabulary logits (grows with batch x length x (layers x hidden + vocabulary)); moee-fast
+    keeps one layer's activations."""
+    enc = _encoder(model_for_memory, bench_dir)
+    word = "model "
+    texts = [word * (length - 1)] * batch
+    budget, enc.token_budget = enc.token_budget, batch * length + 64  # one forward of this shape
+    try:
+        _, ours = peak_memory_mib(enc.encode, texts)
+    finally:
+        enc.token_budget = budget
+    ref_model, ref_tokenizer = load_reference_model(enc.name)
+    _, ref = peak_memory_mib(reference_encode, ref_model, ref_tokenizer, texts, batch)
+    del ref_model
+    for path, peak in (("moee-fast", ours), ("reference", ref)):
+        RESULTS["memory"].append(dict(model=model_for_memory, batch=batch, length=length, path=path, peak_mib=peak))
+    assert ours < ref
+
+
+@pytest.fixture
+def model_for_memory():
+    return "olmoe"
