@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moee_fast import MoEEncoder
+from moee_fast.encoder import DEFAULT_TOKEN_BUDGET
 from conftest import random_texts, relative_error
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
@@ -47,7 +48,7 @@ def test_out_of_memory_splits_batches_and_loses_no_text(checkpoint, monkeypatch)
     assert sum(seen) == len(texts)  # every text ran exactly once
     assert relative_error(out.hs, expected.hs).max() <= 1e-5
     assert relative_error(out.rw, expected.rw).max() <= 1e-5
-    assert enc.token_budget < 4096  # later batches start from the smaller budget
+    assert enc.token_budget < DEFAULT_TOKEN_BUDGET["cpu"]  # later batches start from the smaller budget
 
     monkeypatch.setattr(enc, "_forward", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("one text too big")))
     with pytest.raises(torch.OutOfMemoryError):
