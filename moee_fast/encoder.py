@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import experts, ops
+from . import experts, norms, ops, packing
 from .adapters import Adapter, adapter_for
 from .batching import Batch, plan_batches
 from .embeddings import MoEEmbeddings
@@ -67,11 +67,6 @@ class _LastTokenTap:
             handle.remove()
 
 
-def _gather_last(hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] -> [B, 1, H] at each row's last token."""
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
-
-
 class MoEEncoder:
     """Encode texts into MoEE embeddings with a Mixture-of-Experts decoder.
 
@@ -82,6 +77,9 @@ class MoEEncoder:
 
     def __init__(self, model: nn.Module, tokenizer, adapter: Adapter, name: str = "", token_budget: int | None = None):
         self.model = model.eval().requires_grad_(False)  # inference only, in every thread
+        # Texts run packed, without padding; attention keeps them apart (moee_fast/packing.py).
+        model.set_attn_implementation(packing.register())
+        norms.fuse_rms_norms(model)
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
@@ -99,7 +97,7 @@ class MoEEncoder:
 
         device: None -> CUDA when available, else CPU. dtype: None -> bfloat16 on CUDA, float32 on
         CPU. Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
-        quantization_config, attn_implementation, ...).
+        quantization_config, ...). Attention always runs moee-fast's packed attention.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -214,42 +212,36 @@ class MoEEncoder:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _collate(self, ids: list[list[int]], indices: list[int]):
-        """Right-padded input ids, the attention mask (None when no row is padded), last positions."""
-        lengths = torch.tensor([len(ids[i]) for i in indices])
-        width = int(lengths.max())
-        input_ids = torch.zeros(len(indices), width, dtype=torch.long)
-        for row, i in enumerate(indices):
-            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-        mask = None
-        if int(lengths.min()) != width:
-            mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        pin = self.device.type == "cuda"
-        move = lambda t: None if t is None else (t.pin_memory() if pin else t).to(self.device, non_blocking=pin)  # noqa: E731
-        return move(input_ids), move(mask), move(lengths - 1)
+        """The batch's texts packed end to end: input ids, position ids, and their Packing."""
+        return packing.pack([ids[i] for i in indices], self.device, pin=self.device.type == "cuda")
 
     @torch.inference_mode()
-    def _forward(self, input_ids, attention_mask, last):
-        batch, width = input_ids.shape
-        rows = torch.arange(batch, device=input_ids.device) * width + last
-        self._last = last
-        with self._tap.collect(rows) as tap:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def _forward(self, input_ids, position_ids, layout: packing.Packing):
+        self._last, self._tokens = layout.last, input_ids.shape[1]
+        with self._tap.collect(layout.last) as tap:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
             kept = tap.kept
-        hs = out.last_hidden_state[:, -1].float()  # the norm already ran on the last tokens only
+        hs = out.last_hidden_state[0].float()  # the norm already ran on the last tokens only
         return hs, torch.stack(kept, dim=1)
 
     def _install_last_token_trim(self):
-        """Pre-hooks that feed only the last tokens to the last layer's MLP and the final norm.
+        """Hooks that run the last layer's MLP and the final norm on the last tokens only.
 
-        The last layer's residual add then broadcasts [B, 1, H] over [B, T, H]: positions other
-        than the last hold meaningless values, which nothing reads.
+        The last layer's MLP output is scattered back to the packed rows (zeros elsewhere) for
+        the residual add; positions other than the last then hold values nothing reads.
         """
-        take_last = lambda module, args: (_gather_last(args[0], self._last), *args[1:])  # noqa: E731
+        take_last = lambda module, args: (args[0].index_select(1, self._last), *args[1:])  # noqa: E731
         handles = [self.model.norm.register_forward_pre_hook(take_last)]
         last_mlp = getattr(self.model.layers[-1], "mlp", None)
         if last_mlp is not None:
             handles.append(last_mlp.register_forward_pre_hook(take_last))
+            handles.append(last_mlp.register_forward_hook(self._scatter_last))
         return handles
+
+    def _scatter_last(self, module, args, output):
+        rows = output[0] if isinstance(output, tuple) else output  # [1, B, H]
+        full = rows.new_zeros(1, self._tokens, rows.shape[-1]).index_copy_(1, self._last, rows)
+        return (full, *output[1:]) if isinstance(output, tuple) else full
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ def test_out_of_memory_splits_batches_and_loses_no_text(checkpoint, monkeypatch)
     expected = enc.encode(texts)
     real_forward, seen = enc._forward, []
 
-    def forward_that_fails_above_four_rows(input_ids, attention_mask, last):
-        if input_ids.shape[0] > 4:
+    def forward_that_fails_above_four_rows(input_ids, position_ids, layout):
+        if layout.batch_size > 4:
             raise torch.OutOfMemoryError("simulated allocator failure")
-        seen.append(input_ids.shape[0])
-        return real_forward(input_ids, attention_mask, last)
+        seen.append(layout.batch_size)
+        return real_forward(input_ids, position_ids, layout)
 
     monkeypatch.setattr(enc, "_forward", forward_that_fails_above_four_rows)
     with pytest.warns(UserWarning, match="out of memory") as warned:

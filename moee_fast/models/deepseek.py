@@ -201,13 +201,13 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask, position_embeddings):
+    def forward(self, hidden_states, attention_mask, position_embeddings, **kwargs):
         residual = hidden_states
         attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings=position_embeddings, attention_mask=attention_mask
+            self.input_layernorm(hidden_states), position_embeddings=position_embeddings, attention_mask=attention_mask,
+            **kwargs,
         )
         hidden_states = residual + attn_out
-        # The MLP may return [B, 1, H] (last tokens only); the add broadcasts it over [B, T, H].
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -253,7 +253,7 @@ class DeepseekModel(PreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, position_embeddings)
+            hidden_states = layer(hidden_states, mask, position_embeddings, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
 
 

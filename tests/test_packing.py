@@ -1,0 +1,69 @@
+"""Packed batches: texts end to end with no padding, attention kept within each text."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from moee_fast import MoEEncoder
+from moee_fast.packing import pack, packed_attention
+from conftest import random_texts, relative_error, save_checkpoint
+from test_encoder import reference_embeddings
+
+
+def test_pack_layout():
+    input_ids, position_ids, p = pack([[5, 6, 7], [8], [9, 10]], torch.device("cpu"))
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert p.last.tolist() == [2, 3, 5] and p.max_len == 3 and p.batch_size == 3
+    assert p.unpad_index.tolist() == [0, 1, 2, 3, 6, 7]
+    assert p.pad_index.view(3, 3).tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 5]]  # padded slots repeat a real row
+
+
+class _Attention(torch.nn.Module):
+    pass
+
+
+@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
+def test_packed_attention_matches_float64_per_text(kv_heads, window):
+    g = torch.Generator().manual_seed(kv_heads)
+    lengths = [1, 17, 5, 31, 2]
+    _, _, p = pack([[0] * n for n in lengths], torch.device("cpu"))
+    n, heads, dim = sum(lengths), 4, 24
+    q = torch.randn(1, heads, n, dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, n, dim, generator=g) for _ in range(2))
+    out, weights = packed_attention(_Attention(), q, k, v, None, scaling=0.3, sliding_window=window, moee_packing=p)
+    assert weights is None and out.shape == (1, n, heads, dim)
+    start = 0
+    for length in lengths:
+        sl = slice(start, start + length)
+        qi, ki, vi = (x[0, :, sl].double() for x in (q, k, v))
+        ki, vi = (x.repeat_interleave(heads // kv_heads, dim=0) for x in (ki, vi))
+        i = torch.arange(length)
+        allowed = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :]) < (window or length))
+        scores = (qi @ ki.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
+        expected = (scores.softmax(-1) @ vi).transpose(0, 1)  # [length, heads, dim]
+        torch.testing.assert_close(out[0, sl].double(), expected, rtol=1e-5, atol=1e-6)
+        start += length
+
+
+def test_model_called_without_packing_says_how_to_use_it(checkpoint):
+    enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu")
+    with pytest.raises(RuntimeError, match="set_attn_implementation"):
+        enc.model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {"sliding_window": 6}),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1,
+                   "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
+])
+def test_sliding_window_matches_transformers(tmp_path, tokenizer_corpus, family, overrides):
+    path = save_checkpoint(tmp_path, family, tokenizer_corpus, **overrides)
+    texts = random_texts(7, seed=3, max_words=30)
+    ref_hs, ref_rw = reference_embeddings(path, texts)
+    out = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    assert relative_error(out.hs, ref_hs).max() <= 1e-5
+    assert relative_error(out.rw, ref_rw).max() <= 1e-5
+    # The window matters here: full causal attention gives different embeddings.
+    full = save_checkpoint(tmp_path / "full", family, tokenizer_corpus)
+    assert relative_error(MoEEncoder.from_pretrained(full, device="cpu").encode(texts).hs, ref_hs).max() > 1e-3
