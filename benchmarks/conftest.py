@@ -43,7 +43,7 @@ def fp32_peak():
 
 def _encode_table(rows: list[dict], peak: float) -> list[str]:
     lines = [
-        "| model | path | texts | tokens | padded tokens | seconds | texts/s | tokens/s | useful GFLOP/s | % of fp32 peak | speed-up | max rel. diff |",
+        "| model | path | texts | tokens | computed tokens | seconds | texts/s | tokens/s | useful GFLOP/s | % of fp32 peak | speed-up | max rel. diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_model: dict[str, dict[str, dict]] = {}
@@ -54,7 +54,7 @@ def _encode_table(rows: list[dict], peak: float) -> list[str]:
         for name, row in paths.items():
             speedup = f"{base['seconds'] / row['seconds']:.1f}x" if base else "-"
             lines.append(
-                f"| {model} | {name} | {row['texts']} | {row['tokens']} | {row['padded_tokens']} | {row['seconds']:.2f} | "
+                f"| {model} | {name} | {row['texts']} | {row['tokens']} | {row['computed_tokens']} | {row['seconds']:.2f} | "
                 f"{row['texts'] / row['seconds']:.1f} | {row['tokens'] / row['seconds']:.0f} | "
                 f"{row['flops'] / row['seconds'] / 1e9:.1f} | {100 * row['flops'] / row['seconds'] / 1e9 / peak:.0f}% | "
                 f"{speedup} | {row.get('max_rel_diff', float('nan')):.1e} |"

@@ -202,10 +202,10 @@ class Run:
     model: str
     path: str  # "moee-fast" or "reference"
     experts: str
-    token_budget: int | None  # moee-fast: padded tokens per forward; reference: None (batches of 128)
+    token_budget: int | None  # moee-fast: tokens per packed forward; reference: None (batches of 128)
     texts: int
     tokens: int
-    padded_tokens: int
+    computed_tokens: int  # run through the model, padding included
     seconds: float
     useful_flops: float
     matmul_tflops: float
@@ -315,8 +315,6 @@ def gathered_bytes_per_token(model: nn.Module) -> int:
 
 def run_moee(name, encoder, work: Workload, warmup_texts: int, experts: str, budget: int, device,
              matmul_tflops, reference, note=""):
-    from moee_fast.batching import plan_batches
-
     encoder.model.set_experts_implementation(experts)
     encoder.token_budget = budget
     encoder.encode(work.texts[:warmup_texts])
@@ -324,8 +322,8 @@ def run_moee(name, encoder, work: Workload, warmup_texts: int, experts: str, bud
     out, seconds = timed(lambda: encoder.encode(work.texts), device)
     if encoder.token_budget < budget:  # the encoder halved its batches after running out of memory
         note = _join(note, f"out of memory at {budget}: batches split down to {encoder.token_budget} tokens")
-    padded = sum(b.padded_tokens for b in plan_batches(work.lengths, budget))
-    run = Run(name, "moee-fast", experts, budget, len(work.texts), sum(work.lengths), padded, seconds,
+    # Packed batches: the model runs the real tokens only.
+    run = Run(name, "moee-fast", experts, budget, len(work.texts), sum(work.lengths), sum(work.lengths), seconds,
               work.flops, matmul_tflops, peak_memory_gib(device), note=note)
     agreement(run, work, out.hs, out.rw, reference)
     return run
@@ -461,7 +459,7 @@ def markdown_report(meta: dict, runs: list[Run]) -> str:
           f"{b['experts_default']} (the reference path runs with it), attention {b['attention']}"
           for model, b in meta["builds"].items()),
         "",
-        "| model | path | experts | token budget | texts | tokens | padded/real | s | tokens/s | texts/s | "
+        "| model | path | experts | token budget | texts | tokens | computed/real | s | tokens/s | texts/s | "
         "useful TFLOP/s | MFU | peak GiB | HS max rel err | RW max rel err | note |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -472,7 +470,7 @@ def markdown_report(meta: dict, runs: list[Run]) -> str:
             continue
         lines.append(
             f"| {r.model} | {r.path} | {r.experts} | {_fmt(r.token_budget, 'd', 'batches of 128')} | {r.texts} | "
-            f"{r.tokens} | {r.padded_tokens / r.tokens:.2f} | {r.seconds:.2f} | {r.tokens_per_s:,.0f} | "
+            f"{r.tokens} | {r.computed_tokens / r.tokens:.2f} | {r.seconds:.2f} | {r.tokens_per_s:,.0f} | "
             f"{r.texts_per_s:,.1f} | {_tflops(r.useful_tflops)} | {100 * r.mfu:.1f}% | {_fmt(r.peak_gib, '.1f')} | "
             f"{_fmt(r.hs_max_rel_err, '.2e', '-')} | {_fmt(r.rw_max_rel_err, '.2e', '-')} | {r.note} |"
         )

@@ -23,9 +23,7 @@
 #include <numeric>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "vec_math.h"
 
 namespace {
 
@@ -34,34 +32,9 @@ namespace {
 // unsplit experts measured the same within the VM's noise (0.56-0.77 of the matmul peak).
 constexpr int64_t kChunkRows = 256;
 
-// exp(x) clamped to [-87, 88] (finite, never 0): x = n*ln2 + r, |r| <= ln2/2, degree-6 Taylor
-// polynomial for exp(r) (relative error < 2e-7), 2^n built in the exponent bits. The AVX2 version
-// is written with intrinsics: GCC's default -ftrapping-math keeps it from vectorising the clamp.
-constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kPoly[7] = {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
-
-inline float exp_clamped(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::nearbyint(x * kLog2e);
-  const float r = (x - n * kLn2Hi) - n * kLn2Lo;  // n * kLn2Hi is exact
-  float p = kPoly[0];
-  for (int j = 1; j < 7; ++j) p = p * r + kPoly[j];
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp_clamped8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x));
-  __m256 p = _mm256_set1_ps(kPoly[0]);
-  for (int j = 1; j < 7; ++j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[j]));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
+using moee_fast::exp_clamped;
+#ifdef MOEE_FAST_AVX2
+using moee_fast::exp_clamped8;
 #endif
 
 // act[r, i] = w[r] * SiLU(gu[r, i]) * gu[r, I + i], written over the gate half of gu (row stride 2I):
@@ -72,7 +45,7 @@ void gated_silu_rows(float* gu, const float* weight, int64_t rows, int64_t inter
     const float* up = gate + inter;
     const float w = weight[r];
     int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef MOEE_FAST_AVX2
     const __m256 one = _mm256_set1_ps(1.f), wv = _mm256_set1_ps(w), sign = _mm256_set1_ps(-0.f);
     for (; i + 8 <= inter; i += 8) {
       const __m256 g = _mm256_loadu_ps(gate + i);

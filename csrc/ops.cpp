@@ -18,42 +18,19 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
+
 
 // Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
 constexpr float kNormEps = 1e-8f;
 
-// exp(x) for x <= 0 in a form the compiler vectorises (std::exp is a scalar libm call, ~10x slower
-// here): x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 Taylor polynomial (relative error
-// < 2e-7 on that range), 2^n built in the exponent bits. Inputs below -87 give 2^-126 ~ 1e-38, not 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exact n*ln2_hi
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 template <typename scalar_t>
 void softmax_row(const scalar_t* src, float* dst, int64_t n) {
-  float row_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : row_max)
-  for (int64_t e = 0; e < n; ++e) row_max = std::max(row_max, static_cast<float>(src[e]));
-  float total = 0.f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t e = 0; e < n; ++e) {
-    dst[e] = exp_nonpositive(static_cast<float>(src[e]) - row_max);
-    total += dst[e];
-  }
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<float>(src[e]);
+  const float total = moee_fast::exp_sum_inplace(dst, n, 1.f, moee_fast::scaled_max(dst, n, 1.f));
   const float inv_total = 1.f / total;
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) dst[e] *= inv_total;

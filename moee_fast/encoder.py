@@ -22,8 +22,9 @@ from .batching import Batch, plan_batches
 from .embeddings import MoEEmbeddings
 from .prompts import resolve_prompt, tokenize
 
-# Padded tokens per forward. On CPU, 1024-4096 measured alike with the fused experts op; 2048
-# halves its scratch memory against 4096. On CUDA larger batches fill the chip (gpu_report.py).
+# Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
+# 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
+# larger batches fill the chip (gpu_report.py).
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 
 RW_SOURCES = ("scores", "logits")
@@ -107,6 +108,8 @@ class MoEEncoder:
         _check_location(name)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
+        if hf_kwargs.pop("attn_implementation", None) is not None:
+            warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=2)
         if hf_kwargs.get("trust_remote_code"):
             raise ValueError("moee-fast never runs code shipped with a checkpoint; drop trust_remote_code")
         shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
@@ -204,11 +207,11 @@ class MoEEncoder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if not self._warned_oom:
-            warnings.warn(f"out of memory at {batch.padded_tokens} padded tokens: splitting batches", stacklevel=3)
+            warnings.warn(f"out of memory at {batch.tokens} tokens: splitting batches", stacklevel=3)
             self._warned_oom = True
-        self.token_budget = max(1, batch.padded_tokens // 2)
-        half = len(batch.indices) // 2
-        parts = [self._run(ids, Batch(batch.indices[:half], batch.max_len)), self._run(ids, Batch(batch.indices[half:], batch.max_len))]
+        self.token_budget = max(1, batch.tokens // 2)
+        halves = batch.indices[: len(batch.indices) // 2], batch.indices[len(batch.indices) // 2 :]
+        parts = [self._run(ids, Batch(half, sum(len(ids[i]) for i in half))) for half in halves]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _collate(self, ids: list[list[int]], indices: list[int]):

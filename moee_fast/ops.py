@@ -26,12 +26,12 @@ _DEFAULT_SCORE_TILE_BYTES = 32 << 20
 
 # What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch. Measured on a
 # shared 2-core x86-64 (AVX2) VM, torch 2.13 + MKL, both backends interleaved, best of many runs:
-#   gather_router_softmax B=128, E=64, L=16 / L=27 / one layer: C++ 0.380 / 1.800 / 0.096 ms vs torch
-#     0.323 / 1.149 / 0.065 ms (C++ 0.64-0.85x; bf16 logits 0.55-0.68x). index_select + softmax are
-#     already vectorised in ATen and the custom-op call costs ~20 us more from Python, so torch wins.
+#   gather_router_softmax B=128, E=64, L=16 / L=27 / one layer: C++ 0.288 / 0.455 / 0.074 ms vs torch
+#     0.390 / 0.680 / 0.075 ms (1.36x / 1.49x / 1.00x; bf16 logits 1.23-1.49x), with the AVX2 exp
+#     (csrc/vec_math.h); the earlier scalar exp made the C++ op 0.64-0.85x of torch.
 #   combined_cosine 1k x 10k, H=2048, RW=1024: fp32 1,883 vs 1,971 ms (1.05x), bf16 1,164 vs 1,414 ms (1.22x).
 #   topk_combined_cosine k=10, 1k x 20k, same widths: 2,657 vs 2,984 ms (1.12x).
-_CPU_AUTO = {"gather_router_softmax": "torch", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
+_CPU_AUTO = {"gather_router_softmax": "cpp", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
 
 try:
     from . import _C  # noqa: F401  (importing it registers torch.ops.moee_fast.*)

@@ -28,6 +28,7 @@ class Packing:
 
     max_len: int
     last: torch.Tensor  # [B] packed position of each text's last token
+    cu_seqlens: torch.Tensor  # [B + 1] where each text starts, then the token count (on CPU)
     pad_index: torch.Tensor  # [B * T] packed position feeding each padded slot (a text's own token)
     unpad_index: torch.Tensor  # [N] padded slot of each packed position
 
@@ -52,7 +53,8 @@ def pack(seqs: list[list[int]], device: torch.device, pin: bool = False):
     def move(x):
         return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
 
-    packing = Packing(width, move(ends - 1), move(pad_index), move(unpad_index))
+    cu_seqlens = torch.cat([starts, ends[-1:]])
+    packing = Packing(width, move(ends - 1), cu_seqlens, move(pad_index), move(unpad_index))
     return move(input_ids), move(position_ids), packing
 
 
@@ -61,6 +63,20 @@ def _to_padded(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     heads, _, dim = x.shape[1:]
     rows = x[0].transpose(0, 1).index_select(0, packing.pad_index)  # [B*T, heads, D]
     return rows.view(packing.batch_size, packing.max_len, heads, dim).transpose(1, 2)
+
+
+def _use_cpp(query, key, value, dropout: float) -> bool:
+    from .ops import _CPP_IMPORT_ERROR
+
+    return (
+        _CPP_IMPORT_ERROR is None
+        and query.device.type == "cpu"
+        and query.dtype == key.dtype == value.dtype == torch.float32
+        and dropout == 0.0
+        and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+        and key.stride() == value.stride()
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+    )
 
 
 def packed_attention(
@@ -86,8 +102,13 @@ def packed_attention(
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"{type(module).__name__}: packed attention does not support `{unsupported}`")
     p = moee_packing
-    q, k, v = (_to_padded(x, p) for x in (query, key, value))
     window = sliding_window or getattr(module, "sliding_window", None)
+    if _use_cpp(query, key, value, dropout):
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, heads, D] views
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = torch.ops.moee_fast.packed_causal_attention(q, k, v, p.cu_seqlens, scale, window or 0)
+        return out.unsqueeze(0), None
+    q, k, v = (_to_padded(x, p) for x in (query, key, value))
     mask = None
     if window is not None and p.max_len > window:
         i = torch.arange(p.max_len, device=q.device)

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from moee_fast import MoEEncoder
+from moee_fast import packing
 from moee_fast.packing import pack, packed_attention
 from conftest import random_texts, relative_error, save_checkpoint
 from test_encoder import reference_embeddings
@@ -23,8 +24,11 @@ class _Attention(torch.nn.Module):
     pass
 
 
+@pytest.mark.parametrize("kernel", ["cpp", "sdpa"])
 @pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
-def test_packed_attention_matches_float64_per_text(kv_heads, window):
+def test_packed_attention_matches_float64_per_text(kv_heads, window, kernel, monkeypatch):
+    if kernel == "sdpa":  # the padded SDPA path that non-fp32 and GPU tensors take
+        monkeypatch.setattr(packing, "_use_cpp", lambda *args: False)
     g = torch.Generator().manual_seed(kv_heads)
     lengths = [1, 17, 5, 31, 2]
     _, _, p = pack([[0] * n for n in lengths], torch.device("cpu"))
@@ -67,3 +71,9 @@ def test_sliding_window_matches_transformers(tmp_path, tokenizer_corpus, family,
     # The window matters here: full causal attention gives different embeddings.
     full = save_checkpoint(tmp_path / "full", family, tokenizer_corpus)
     assert relative_error(MoEEncoder.from_pretrained(full, device="cpu").encode(texts).hs, ref_hs).max() > 1e-3
+
+
+def test_attn_implementation_is_ignored_with_a_warning(checkpoint):
+    with pytest.warns(UserWarning, match="attn_implementation is ignored"):
+        enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", attn_implementation="eager")
+    assert enc.model.config._attn_implementation == packing.ATTENTION_NAME
