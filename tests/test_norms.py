@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from moee_fast import MoEEncoder
+from moee_fast import MoEEncoder, ops
 from moee_fast.norms import fuse_rms_norms
 
 
@@ -43,3 +43,29 @@ def test_only_matching_formulas_are_switched(dtype):
     assert "forward" not in vars(model[0])
     x = torch.randn(6, 48, dtype=dtype)
     torch.testing.assert_close(model[1](x), PlainRMSNorm.forward(model[1], x), rtol=0, atol=0)
+
+
+needs_cpp = pytest.mark.skipif("cpp" not in ops.available_backends(), reason="C++ extension not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(0, 16), (1, 1), (5, 7), (3, 11, 37), (9, 2048)])
+def test_cpp_rms_norm_matches_float64(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[-2] if len(shape) > 1 else 1)[..., None]
+    w = torch.randn(shape[-1], generator=g)
+    y = torch.ops.moee_fast.rms_norm(x, w, 1e-6)
+    x64 = x.double()
+    expected = w.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert y.shape == x.shape and not y.isnan().any()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
+    strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, another layout
+    torch.testing.assert_close(torch.ops.moee_fast.rms_norm(strided, w, 1e-6), y, rtol=1e-6, atol=1e-7)
+
+
+@needs_cpp
+def test_cpp_rms_norm_refuses_bad_arguments():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.moee_fast.rms_norm(torch.randn(2, 4).double(), torch.randn(4).double(), 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight must be \[4\]"):
+        torch.ops.moee_fast.rms_norm(torch.randn(2, 4), torch.randn(5), 1e-6)
