@@ -77,23 +77,10 @@ void transpose_keys(const float* k, int64_t row_stride, int64_t keys, int64_t di
   if (dim % 8 == 0) {
     for (; j0 + 8 <= keys; j0 += 8) {
       for (int64_t d0 = 0; d0 < dim; d0 += 8) {
-        __m256 r[8], t[8];
+        __m256 r[8];
         for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(k + (j0 + i) * row_stride + d0);
-        for (int i = 0; i < 8; i += 2) {
-          t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-          t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-        }
-        for (int i = 0; i < 8; i += 4) {
-          r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-          r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-          r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-          r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-        }
-        // r[0..3] hold d0+{0,1,2,3} for keys j0..j0+3 (low lanes) and d0+{4..7} (high lanes); r[4..7] the same for keys j0+4..7.
-        for (int i = 0; i < 4; ++i) {
-          _mm256_storeu_ps(kt + (d0 + i) * cols + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-          _mm256_storeu_ps(kt + (d0 + i + 4) * cols + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-        }
+        moee_fast::transpose8x8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * cols + j0, r[i]);
       }
     }
   }

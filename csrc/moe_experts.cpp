@@ -4,10 +4,10 @@
 // (token, slot) pairs are counting-sorted by expert, so each expert's rows form one contiguous block
 // of a [T*k, H] buffer. Work items (an expert's rows, split into chunks of at most kChunkRows) are
 // handed out largest first to the OpenMP threads; each thread gathers its rows, runs the gate/up GEMM
-// single-threaded (BLAS inside a parallel region does not fork again), applies w * SiLU(g) * u in
-// place, and writes the down GEMM straight into its block of the buffer. Each token then sums its k
-// rows in slot order, so its result does not depend on which tokens share its batch, nor on the
-// thread count, beyond the BLAS kernel's own rounding.
+// single-threaded, applies w * SiLU(g) * u in place, and writes the down GEMM into its block of the
+// buffer. Each token then sums its k rows in slot order. On AVX2 the GEMMs are this file's own
+// register-tiled kernels (below), where a token's result depends on nothing but its own row; other
+// builds call ATen's CPU matmul (BLAS inside a parallel region does not fork again).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -57,6 +57,129 @@ void gated_silu_rows(float* gu, const float* weight, int64_t rows, int64_t inter
     for (; i < inter; ++i) gate[i] = w * gate[i] * up[i] / (1.f + exp_clamped(-gate[i]));
   }
 }
+
+#ifdef MOEE_FAST_AVX2
+// Our own GEMMs on AVX2, with the experts' weights read in place. A BLAS call on [rows, H] x
+// [H, 2I]^T packs the weight operand on every call (its copies and beta scaling measured ~20% of
+// this op); here the activations are packed instead, for free, while they are gathered: each
+// panel of 16 tokens is stored k-major ([K][16]), so a 6 x 16 register tile multiplies 6 weight
+// rows (broadcast, read straight from the [out, in] weight matrix) by one panel. Each token stays
+// in its own vector lane with a fixed summation order, so its result does not depend on which
+// tokens share its panel.
+constexpr int64_t kNR = 16;   // tokens per panel
+constexpr int64_t kMR = 6;    // weight rows per register tile
+constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in L1 across panels
+
+// c[r][0:16] (+)= sum_{k < kc} w[r][k] * b[k][0:16] for r < rows (<= kMR); w rows ldw apart.
+inline void tile_6x16(const float* w, int64_t ldw, int64_t rows, const float* b, int64_t kc, float* c, bool accumulate) {
+  const float* w0 = w;
+  const float* w1 = w + std::min<int64_t>(1, rows - 1) * ldw;
+  const float* w2 = w + std::min<int64_t>(2, rows - 1) * ldw;
+  const float* w3 = w + std::min<int64_t>(3, rows - 1) * ldw;
+  const float* w4 = w + std::min<int64_t>(4, rows - 1) * ldw;
+  const float* w5 = w + std::min<int64_t>(5, rows - 1) * ldw;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, b += kNR) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 a = _mm256_broadcast_ss(w0 + k);
+    c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(w1 + k);
+    c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(w2 + k);
+    c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(w3 + k);
+    c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(w4 + k);
+    c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(w5 + k);
+    c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
+  }
+  const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int64_t r = 0; r < rows; ++r) {
+    __m256 lo = acc[r][0], hi = acc[r][1];
+    if (accumulate) {
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(c + r * kNR));
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(c + r * kNR + 8));
+    }
+    _mm256_storeu_ps(c + r * kNR, lo);
+    _mm256_storeu_ps(c + r * kNR + 8, hi);
+  }
+}
+
+// C[p][m][0:16] = sum_k W[m][k] * B[p][k][0:16] for p < panels, m < M; W is [M, K] row-major,
+// B panels `b_stride` floats apart, C panels M * 16 floats apart.
+void gemm_panels(const float* W, int64_t M, int64_t K, const float* B, int64_t b_stride, int64_t panels, float* C) {
+  for (int64_t kb = 0; kb < K; kb += kKC) {
+    const int64_t kc = std::min(kKC, K - kb);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR)
+      for (int64_t p = 0; p < panels; ++p)
+        tile_6x16(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kc, C + p * M * kNR + m0 * kNR,
+                  kb > 0);
+  }
+}
+
+// B[p][k][t] = src[p * 16 + t][k] for k < K, zero for tokens past n (the panel's padding lanes).
+void pack_panels(const float* const* src, int64_t n, int64_t K, float* B) {
+  for (int64_t p = 0; p * kNR < n; ++p) {
+    float* panel = B + p * K * kNR;
+    for (int64_t t0 = 0; t0 < kNR; t0 += 8) {
+      const float* rows[8];
+      for (int i = 0; i < 8; ++i) rows[i] = p * kNR + t0 + i < n ? src[p * kNR + t0 + i] : nullptr;
+      int64_t k0 = 0;
+      for (; k0 + 8 <= K; k0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = rows[i] ? _mm256_loadu_ps(rows[i] + k0) : _mm256_setzero_ps();
+        moee_fast::transpose8x8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * kNR + t0, r[i]);
+      }
+      for (; k0 < K; ++k0)
+        for (int i = 0; i < 8; ++i) panel[k0 * kNR + t0 + i] = rows[i] ? rows[i][k0] : 0.f;
+    }
+  }
+}
+
+// dst[p * 16 + t][m] = C[p][m][t] for the n real tokens; dst rows `ld` apart.
+void unpack_panels(const float* C, int64_t M, int64_t n, float* dst, int64_t ld) {
+  for (int64_t p = 0; p * kNR < n; ++p) {
+    const float* panel = C + p * M * kNR;
+    for (int64_t t0 = 0; t0 < kNR && p * kNR + t0 < n; t0 += 8) {
+      const int64_t valid = std::min<int64_t>(8, n - p * kNR - t0);
+      float* out = dst + (p * kNR + t0) * ld;
+      int64_t m0 = 0;
+      for (; m0 + 8 <= M; m0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(panel + (m0 + i) * kNR + t0);
+        moee_fast::transpose8x8(r);
+        for (int64_t i = 0; i < valid; ++i) _mm256_storeu_ps(out + i * ld + m0, r[i]);
+      }
+      for (; m0 < M; ++m0)
+        for (int64_t i = 0; i < valid; ++i) out[i * ld + m0] = panel[m0 * kNR + t0 + i];
+    }
+  }
+}
+
+// act[i][t] = w[t] * SiLU(g[i][t]) * u[i][t] over panels [2I][16] (gate rows, then up rows),
+// written over the gate rows.
+void gated_silu_panels(float* gu, const float* weight, int64_t n, int64_t inter) {
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (int64_t p = 0; p * kNR < n; ++p) {
+    float wt[kNR] = {0.f};
+    for (int64_t t = 0; t < kNR && p * kNR + t < n; ++t) wt[t] = weight[p * kNR + t];
+    const __m256 w0 = _mm256_loadu_ps(wt), w1 = _mm256_loadu_ps(wt + 8);
+    float* gate = gu + p * 2 * inter * kNR;
+    const float* up = gate + inter * kNR;
+    for (int64_t i = 0; i < inter * kNR; i += kNR) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256 g = _mm256_loadu_ps(gate + i + 8 * h);
+        const __m256 den = _mm256_add_ps(one, exp_clamped8(_mm256_xor_ps(g, sign)));
+        const __m256 num = _mm256_mul_ps(_mm256_mul_ps(h ? w1 : w0, g), _mm256_loadu_ps(up + i + 8 * h));
+        _mm256_storeu_ps(gate + i + 8 * h, _mm256_div_ps(num, den));
+      }
+    }
+  }
+}
+#endif
 
 at::Tensor& moe_experts_out(const at::Tensor& hidden_in, const at::Tensor& top_k_index_in,
                             const at::Tensor& top_k_weights_in, const at::Tensor& gate_up_in, const at::Tensor& down_in,
@@ -129,6 +252,8 @@ at::Tensor& moe_experts_out(const at::Tensor& hidden_in, const at::Tensor& top_k
   float* rows_ptr = rows_out.data_ptr<float>();
   const float* hidden_ptr = hidden.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
+  const float* gate_up_ptr = gate_up.data_ptr<float>();
+  const float* down_ptr = down.data_ptr<float>();
   const int64_t max_rows = std::min(kChunkRows, P);
   const int n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size())));
   std::atomic<int64_t> next{0};
@@ -140,6 +265,23 @@ at::Tensor& moe_experts_out(const at::Tensor& hidden_in, const at::Tensor& top_k
   {
     try {
       const at::ThreadLocalStateGuard state_guard(caller_state);
+#ifdef MOEE_FAST_AVX2
+      // Thread-local panels: gathered activations, then [g | u], then the down projection.
+      const int64_t max_panels = (max_rows + kNR - 1) / kNR;
+      std::vector<float> x_panels(max_panels * H * kNR), gu_panels(max_panels * 2 * I * kNR),
+          y_panels(max_panels * H * kNR);
+      std::vector<const float*> src(max_rows);
+      for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(items.size());) {
+        const Item item = items[it];
+        const int64_t n = item.end - item.begin, panels = (n + kNR - 1) / kNR;
+        for (int64_t r = 0; r < n; ++r) src[r] = hidden_ptr + (pair_at[item.begin + r] / k) * H;
+        pack_panels(src.data(), n, H, x_panels.data());
+        gemm_panels(gate_up_ptr + item.expert * 2 * I * H, 2 * I, H, x_panels.data(), H * kNR, panels, gu_panels.data());
+        gated_silu_panels(gu_panels.data(), weight_at.data() + item.begin, n, I);
+        gemm_panels(down_ptr + item.expert * H * I, H, I, gu_panels.data(), 2 * I * kNR, panels, y_panels.data());
+        unpack_panels(y_panels.data(), H, n, rows_ptr + item.begin * H, H);
+      }
+#else
       // Thread-local scratch: gathered rows, then [g | u]. The GEMMs call the CPU kernel directly
       // (no dispatcher, no autograd: this op has no backward).
       at::Tensor x = at::empty({max_rows, H}, hidden.options());
@@ -156,6 +298,7 @@ at::Tensor& moe_experts_out(const at::Tensor& hidden_in, const at::Tensor& top_k
         at::Tensor y = rows_out.narrow(0, item.begin, n);
         at::cpu::mm_out(y, gu_rows.narrow(1, 0, I), down[item.expert].t());
       }
+#endif
     } catch (...) {  // an exception must not leave an OpenMP region: keep the first, stop handing out work
 #pragma omp critical(moe_experts_error)
       if (!error) error = std::current_exception();

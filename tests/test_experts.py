@@ -19,6 +19,11 @@ SHAPES = [  # (T, H, I, E, k)
     (333, 96, 48, 60, 2),
     (333, 64, 48, 8, 1),
     (333, 96, 32, 8, 8),
+    # Widths that are not multiples of the kernels' 8-lane vectors or 6-row tiles, and reductions
+    # longer than one 256-wide block (hidden 300 into gate/up, intermediate 260 into down).
+    (50, 37, 13, 4, 2),
+    (40, 300, 260, 4, 2),
+    (333, 20, 7, 8, 8),
 ]
 
 
