@@ -7,7 +7,8 @@
 //   1. the item's keys are transposed into Kt [D, keys] so four query rows x sixteen keys of
 //      scores accumulate in registers, one broadcast FMA per element;
 //   2. each row's softmax runs over exactly its own keys (causal, within the window);
-//   3. each output row accumulates p_ij * v_j over 64-wide slices of the head dimension.
+//   3. the same four rows accumulate p_ij * v_j in registers, sixteen columns of the head
+//      dimension at a time (probabilities outside a row's own keys are zero).
 // Items are sorted by cost and handed out dynamically, so long texts do not leave a thread idle.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -118,6 +119,40 @@ void weighted_sum(const float* p, const float* v, int64_t v_stride, int64_t coun
   }
 }
 
+#ifdef MOEE_FAST_AVX2
+// out[r][0:dim] = scale[r] * sum_{j < count} p[r][j] * v_j for r < rows (<= kRows), dim a multiple of
+// 16: four query rows x sixteen output columns in registers, so each loaded slice of v serves
+// four rows (per-row sums loaded v once per multiply-add).
+void pv_tile(const float* p, int64_t p_stride, int64_t rows, const float* v, int64_t v_stride, int64_t count,
+             int64_t dim, const float* scale, float* const* out) {
+  const float* p0 = p;
+  const float* p1 = p + std::min<int64_t>(1, rows - 1) * p_stride;
+  const float* p2 = p + std::min<int64_t>(2, rows - 1) * p_stride;
+  const float* p3 = p + std::min<int64_t>(3, rows - 1) * p_stride;
+  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    const float* vj = v + d0;
+    for (int64_t j = 0; j < count; ++j, vj += v_stride) {
+      const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
+      __m256 b = _mm256_broadcast_ss(p0 + j);
+      a00 = _mm256_fmadd_ps(b, v0, a00), a01 = _mm256_fmadd_ps(b, v1, a01);
+      b = _mm256_broadcast_ss(p1 + j);
+      a10 = _mm256_fmadd_ps(b, v0, a10), a11 = _mm256_fmadd_ps(b, v1, a11);
+      b = _mm256_broadcast_ss(p2 + j);
+      a20 = _mm256_fmadd_ps(b, v0, a20), a21 = _mm256_fmadd_ps(b, v1, a21);
+      b = _mm256_broadcast_ss(p3 + j);
+      a30 = _mm256_fmadd_ps(b, v0, a30), a31 = _mm256_fmadd_ps(b, v1, a31);
+    }
+    const __m256 acc[kRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 sr = _mm256_set1_ps(scale[r]);
+      _mm256_storeu_ps(out[r] + d0, _mm256_mul_ps(acc[r][0], sr));
+      _mm256_storeu_ps(out[r] + d0 + 8, _mm256_mul_ps(acc[r][1], sr));
+    }
+  }
+}
+#endif
+
 struct Operands {
   const float *q, *k, *v;
   float* out;
@@ -146,15 +181,31 @@ void run_item(const Item& item, const Operands& o, std::vector<float>& kt, std::
     // Only keys up to the tile's last query matter.
     const int64_t tile_cols = (i0 + rows - k_lo + kCols - 1) / kCols * kCols;
     score_tile(q_rows, rows, kt.data(), cols, dim, tile_cols, scores.data(), cols);
+    // Softmax of each row over its own keys [lo, lo + count); the tile's union of keys is
+    // [tile_lo, tile_hi), and each row's probabilities are zero outside its own range.
+    const int64_t tile_lo = (o.window > 0 ? std::max<int64_t>(0, i0 - o.window + 1) : 0) - k_lo;
+    const int64_t tile_hi = i0 + rows - k_lo;
+    float inv_total[kRows];
+    float* dst[kRows];
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const int64_t lo = (o.window > 0 ? std::max<int64_t>(0, i - o.window + 1) : 0) - k_lo;
       const int64_t count = i - k_lo + 1 - lo;
-      float* s = scores.data() + r * cols + lo;
-      const float total = moee_fast::exp_sum_inplace(s, count, o.scale, moee_fast::scaled_max(s, count, o.scale));
-      float* dst = o.out + (item.start + i) * o.out_row + item.head * dim;
-      weighted_sum(s, v_base + lo * o.kv_row, o.kv_row, count, dim, 1.f / total, dst);
+      float* row = scores.data() + r * cols;
+      inv_total[r] = 1.f / moee_fast::exp_sum_inplace(row + lo, count, o.scale, moee_fast::scaled_max(row + lo, count, o.scale));
+      std::fill(row + tile_lo, row + lo, 0.f);
+      std::fill(row + lo + count, row + tile_hi, 0.f);
+      dst[r] = o.out + (item.start + i) * o.out_row + item.head * dim;
     }
+#ifdef MOEE_FAST_AVX2
+    if (dim % 16 == 0) {
+      pv_tile(scores.data() + tile_lo, cols, rows, v_base + tile_lo * o.kv_row, o.kv_row, tile_hi - tile_lo, dim, inv_total, dst);
+      continue;
+    }
+#endif
+    for (int64_t r = 0; r < rows; ++r)
+      weighted_sum(scores.data() + r * cols + tile_lo, v_base + tile_lo * o.kv_row, o.kv_row, tile_hi - tile_lo, dim,
+                   inv_total[r], dst[r]);
   }
 }
 
