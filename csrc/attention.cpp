@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "tile_kernel.h"
 #include "vec_math.h"
 
 namespace {
@@ -33,36 +34,18 @@ struct Item {
   int64_t start, length, head, q0, q1, cost;
 };
 
-// scores[r][c] = sum_d q[r][d] * kt[d][c] for r < rows (<= kRows; q holds kRows valid pointers)
-// and c in [0, cols), cols a multiple of kCols.
-void score_tile(const float* const* q, int64_t rows, const float* kt, int64_t kt_stride, int64_t dim,
+// scores[r][c] = sum_d q[r][d] * kt[d][c] for r < rows (<= kRows; q rows `q_stride` apart) and
+// c in [0, cols), cols a multiple of kCols.
+void score_tile(const float* q, int64_t q_stride, int64_t rows, const float* kt, int64_t kt_stride, int64_t dim,
                 int64_t cols, float* scores, int64_t scores_stride) {
   for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
 #ifdef MOEE_FAST_AVX2
-    // Eight named accumulators: an array indexed in a loop gets spilled to the stack by GCC.
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    const float* kd = kt + c0;
-    for (int64_t d = 0; d < dim; ++d, kd += kt_stride) {
-      const __m256 k0 = _mm256_loadu_ps(kd), k1 = _mm256_loadu_ps(kd + 8);
-      __m256 qd = _mm256_broadcast_ss(q[0] + d);
-      a00 = _mm256_fmadd_ps(qd, k0, a00), a01 = _mm256_fmadd_ps(qd, k1, a01);
-      qd = _mm256_broadcast_ss(q[1] + d);
-      a10 = _mm256_fmadd_ps(qd, k0, a10), a11 = _mm256_fmadd_ps(qd, k1, a11);
-      qd = _mm256_broadcast_ss(q[2] + d);
-      a20 = _mm256_fmadd_ps(qd, k0, a20), a21 = _mm256_fmadd_ps(qd, k1, a21);
-      qd = _mm256_broadcast_ss(q[3] + d);
-      a30 = _mm256_fmadd_ps(qd, k0, a30), a31 = _mm256_fmadd_ps(qd, k1, a31);
-    }
-    const __m256 acc[kRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-    for (int64_t r = 0; r < rows; ++r) {
-      _mm256_storeu_ps(scores + r * scores_stride + c0, acc[r][0]);
-      _mm256_storeu_ps(scores + r * scores_stride + c0 + 8, acc[r][1]);
-    }
+    moee_fast::tile_x16<kRows>(q, q_stride, rows, kt + c0, kt_stride, dim, scores + c0, scores_stride);
 #else
     for (int64_t r = 0; r < rows; ++r) {
       float acc[kCols] = {0.f};
       for (int64_t d = 0; d < dim; ++d) {
-        const float qd = q[r][d];
+        const float qd = q[r * q_stride + d];
         for (int64_t c = 0; c < kCols; ++c) acc[c] += qd * kt[d * kt_stride + c0 + c];
       }
       for (int64_t c = 0; c < kCols; ++c) scores[r * scores_stride + c0 + c] = acc[c];
@@ -119,40 +102,6 @@ void weighted_sum(const float* p, const float* v, int64_t v_stride, int64_t coun
   }
 }
 
-#ifdef MOEE_FAST_AVX2
-// out[r][0:dim] = scale[r] * sum_{j < count} p[r][j] * v_j for r < rows (<= kRows), dim a multiple of
-// 16: four query rows x sixteen output columns in registers, so each loaded slice of v serves
-// four rows (per-row sums loaded v once per multiply-add).
-void pv_tile(const float* p, int64_t p_stride, int64_t rows, const float* v, int64_t v_stride, int64_t count,
-             int64_t dim, const float* scale, float* const* out) {
-  const float* p0 = p;
-  const float* p1 = p + std::min<int64_t>(1, rows - 1) * p_stride;
-  const float* p2 = p + std::min<int64_t>(2, rows - 1) * p_stride;
-  const float* p3 = p + std::min<int64_t>(3, rows - 1) * p_stride;
-  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    const float* vj = v + d0;
-    for (int64_t j = 0; j < count; ++j, vj += v_stride) {
-      const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
-      __m256 b = _mm256_broadcast_ss(p0 + j);
-      a00 = _mm256_fmadd_ps(b, v0, a00), a01 = _mm256_fmadd_ps(b, v1, a01);
-      b = _mm256_broadcast_ss(p1 + j);
-      a10 = _mm256_fmadd_ps(b, v0, a10), a11 = _mm256_fmadd_ps(b, v1, a11);
-      b = _mm256_broadcast_ss(p2 + j);
-      a20 = _mm256_fmadd_ps(b, v0, a20), a21 = _mm256_fmadd_ps(b, v1, a21);
-      b = _mm256_broadcast_ss(p3 + j);
-      a30 = _mm256_fmadd_ps(b, v0, a30), a31 = _mm256_fmadd_ps(b, v1, a31);
-    }
-    const __m256 acc[kRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m256 sr = _mm256_set1_ps(scale[r]);
-      _mm256_storeu_ps(out[r] + d0, _mm256_mul_ps(acc[r][0], sr));
-      _mm256_storeu_ps(out[r] + d0 + 8, _mm256_mul_ps(acc[r][1], sr));
-    }
-  }
-}
-#endif
-
 struct Operands {
   const float *q, *k, *v;
   float* out;
@@ -175,18 +124,16 @@ void run_item(const Item& item, const Operands& o, std::vector<float>& kt, std::
   const float* v_base = o.v + (item.start + k_lo) * o.kv_row + kv_h * o.kv_head;
   for (int64_t i0 = item.q0; i0 < item.q1; i0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, item.q1 - i0);
-    const float* q_rows[kRows];
-    for (int64_t r = 0; r < kRows; ++r)
-      q_rows[r] = o.q + (item.start + i0 + std::min(r, rows - 1)) * o.q_row + item.head * o.q_head;
+    const float* q_tile = o.q + (item.start + i0) * o.q_row + item.head * o.q_head;
     // Only keys up to the tile's last query matter.
     const int64_t tile_cols = (i0 + rows - k_lo + kCols - 1) / kCols * kCols;
-    score_tile(q_rows, rows, kt.data(), cols, dim, tile_cols, scores.data(), cols);
+    score_tile(q_tile, o.q_row, rows, kt.data(), cols, dim, tile_cols, scores.data(), cols);
     // Softmax of each row over its own keys [lo, lo + count); the tile's union of keys is
     // [tile_lo, tile_hi), and each row's probabilities are zero outside its own range.
     const int64_t tile_lo = (o.window > 0 ? std::max<int64_t>(0, i0 - o.window + 1) : 0) - k_lo;
     const int64_t tile_hi = i0 + rows - k_lo;
     float inv_total[kRows];
-    float* dst[kRows];
+    float* const dst = o.out + (item.start + i0) * o.out_row + item.head * dim;  // rows o.out_row apart
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const int64_t lo = (o.window > 0 ? std::max<int64_t>(0, i - o.window + 1) : 0) - k_lo;
@@ -195,17 +142,18 @@ void run_item(const Item& item, const Operands& o, std::vector<float>& kt, std::
       inv_total[r] = 1.f / moee_fast::exp_sum_inplace(row + lo, count, o.scale, moee_fast::scaled_max(row + lo, count, o.scale));
       std::fill(row + tile_lo, row + lo, 0.f);
       std::fill(row + lo + count, row + tile_hi, 0.f);
-      dst[r] = o.out + (item.start + i) * o.out_row + item.head * dim;
     }
 #ifdef MOEE_FAST_AVX2
-    if (dim % 16 == 0) {
-      pv_tile(scores.data() + tile_lo, cols, rows, v_base + tile_lo * o.kv_row, o.kv_row, tile_hi - tile_lo, dim, inv_total, dst);
+    if (dim % 16 == 0) {  // four rows x sixteen columns of the output in registers
+      for (int64_t d0 = 0; d0 < dim; d0 += 16)
+        moee_fast::tile_x16<kRows>(scores.data() + tile_lo, cols, rows, v_base + tile_lo * o.kv_row + d0, o.kv_row,
+                                   tile_hi - tile_lo, dst + d0, o.out_row, false, inv_total);
       continue;
     }
 #endif
     for (int64_t r = 0; r < rows; ++r)
       weighted_sum(scores.data() + r * cols + tile_lo, v_base + tile_lo * o.kv_row, o.kv_row, tile_hi - tile_lo, dim,
-                   inv_total[r], dst[r]);
+                   inv_total[r], dst + r * o.out_row);
   }
 }
 

@@ -23,6 +23,7 @@
 #include <numeric>
 #include <vector>
 
+#include "tile_kernel.h"
 #include "vec_math.h"
 
 namespace {
@@ -70,43 +71,6 @@ constexpr int64_t kNR = 16;   // tokens per panel
 constexpr int64_t kMR = 6;    // weight rows per register tile
 constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in L1 across panels
 
-// c[r][0:16] (+)= sum_{k < kc} w[r][k] * b[k][0:16] for r < rows (<= kMR); w rows ldw apart.
-inline void tile_6x16(const float* w, int64_t ldw, int64_t rows, const float* b, int64_t kc, float* c, bool accumulate) {
-  const float* w0 = w;
-  const float* w1 = w + std::min<int64_t>(1, rows - 1) * ldw;
-  const float* w2 = w + std::min<int64_t>(2, rows - 1) * ldw;
-  const float* w3 = w + std::min<int64_t>(3, rows - 1) * ldw;
-  const float* w4 = w + std::min<int64_t>(4, rows - 1) * ldw;
-  const float* w5 = w + std::min<int64_t>(5, rows - 1) * ldw;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < kc; ++k, b += kNR) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 a = _mm256_broadcast_ss(w0 + k);
-    c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(w1 + k);
-    c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(w2 + k);
-    c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(w3 + k);
-    c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(w4 + k);
-    c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(w5 + k);
-    c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
-  }
-  const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int64_t r = 0; r < rows; ++r) {
-    __m256 lo = acc[r][0], hi = acc[r][1];
-    if (accumulate) {
-      lo = _mm256_add_ps(lo, _mm256_loadu_ps(c + r * kNR));
-      hi = _mm256_add_ps(hi, _mm256_loadu_ps(c + r * kNR + 8));
-    }
-    _mm256_storeu_ps(c + r * kNR, lo);
-    _mm256_storeu_ps(c + r * kNR + 8, hi);
-  }
-}
-
 // C[p][m][0:16] = sum_k W[m][k] * B[p][k][0:16] for p < panels, m < M; W is [M, K] row-major,
 // B panels `b_stride` floats apart, C panels M * 16 floats apart.
 void gemm_panels(const float* W, int64_t M, int64_t K, const float* B, int64_t b_stride, int64_t panels, float* C) {
@@ -114,8 +78,8 @@ void gemm_panels(const float* W, int64_t M, int64_t K, const float* B, int64_t b
     const int64_t kc = std::min(kKC, K - kb);
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
       for (int64_t p = 0; p < panels; ++p)
-        tile_6x16(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kc, C + p * M * kNR + m0 * kNR,
-                  kb > 0);
+        moee_fast::tile_x16<kMR>(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kNR, kc,
+                                 C + p * M * kNR + m0 * kNR, kNR, kb > 0);
   }
 }
 
