@@ -77,3 +77,18 @@ def test_attn_implementation_is_ignored_with_a_warning(checkpoint):
     with pytest.warns(UserWarning, match="attn_implementation is ignored"):
         enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", attn_implementation="eager")
     assert enc.model.config._attn_implementation == packing.ATTENTION_NAME
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_bfloat16_runs_the_torch_paths_and_matches_fp32(checkpoint, family):
+    """bf16 (the GPU dtype) takes the padded-SDPA attention, torch RMSNorm and the Python experts
+    path; its embeddings stay within bf16 rounding of the fp32 ones."""
+    path = checkpoint(family)
+    texts = random_texts(9, seed=11, max_words=60)
+    ref_hs, ref_rw = reference_embeddings(path, texts)
+    enc = MoEEncoder.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
+    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    out = enc.encode(texts, batch_size=4)
+    assert out.hs.dtype == torch.float32 and not out.hs.isnan().any()
+    assert relative_error(out.hs, ref_hs).max() <= 2e-2  # measured ~8e-3 (OLMoE)
+    assert relative_error(out.rw, ref_rw).max() <= 2e-2
