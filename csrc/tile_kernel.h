@@ -1,6 +1,7 @@
 // The register tile every C++ GEMM-like loop here is built on (AVX2 + FMA builds only).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "vec_math.h"
@@ -51,6 +52,66 @@ inline void tile_x16(const float* a, int64_t lda, int64_t rows, const float* b, 
     if (accumulate) l = _mm256_add_ps(l, _mm256_loadu_ps(cr)), h = _mm256_add_ps(h, _mm256_loadu_ps(cr + 8));
     _mm256_storeu_ps(cr, l);
     _mm256_storeu_ps(cr + 8, h);
+  }
+}
+
+// GEMMs on panels: y = x W^T with the activations x packed k-major in panels of 16 rows
+// ([K][16]: one vector pair per k), so a tile_x16 multiplies 6 rows of W, read in place from the
+// [out, in] weight matrix, by one panel. Packing x is a transposing copy (free where x is gathered
+// anyway); BLAS would pack W instead, on every call.
+constexpr int64_t kNR = 16;   // rows of x per panel
+constexpr int64_t kMR = 6;    // rows of W per register tile
+constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in L1 across panels
+
+// C[p][m][0:16] = sum_k W[m][k] * B[p][k][0:16] for p < panels, m < M; W is [M, K] row-major,
+// B panels `b_stride` floats apart, C panels M * 16 floats apart.
+inline void gemm_panels(const float* W, int64_t M, int64_t K, const float* B, int64_t b_stride, int64_t panels, float* C) {
+  for (int64_t kb = 0; kb < K; kb += kKC) {
+    const int64_t kc = std::min(kKC, K - kb);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR)
+      for (int64_t p = 0; p < panels; ++p)
+        tile_x16<kMR>(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kNR, kc,
+                      C + p * M * kNR + m0 * kNR, kNR, kb > 0);
+  }
+}
+
+// B[p][k][t] = src[p * 16 + t][k] for k < K, zero for tokens past n (the panel's padding lanes).
+inline void pack_panels(const float* const* src, int64_t n, int64_t K, float* B) {
+  for (int64_t p = 0; p * kNR < n; ++p) {
+    float* panel = B + p * K * kNR;
+    for (int64_t t0 = 0; t0 < kNR; t0 += 8) {
+      const float* rows[8];
+      for (int i = 0; i < 8; ++i) rows[i] = p * kNR + t0 + i < n ? src[p * kNR + t0 + i] : nullptr;
+      int64_t k0 = 0;
+      for (; k0 + 8 <= K; k0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = rows[i] ? _mm256_loadu_ps(rows[i] + k0) : _mm256_setzero_ps();
+        transpose8x8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * kNR + t0, r[i]);
+      }
+      for (; k0 < K; ++k0)
+        for (int i = 0; i < 8; ++i) panel[k0 * kNR + t0 + i] = rows[i] ? rows[i][k0] : 0.f;
+    }
+  }
+}
+
+// dst[p * 16 + t][m] = C[p][m][t] for the n real tokens; dst rows `ld` apart.
+inline void unpack_panels(const float* C, int64_t M, int64_t n, float* dst, int64_t ld) {
+  for (int64_t p = 0; p * kNR < n; ++p) {
+    const float* panel = C + p * M * kNR;
+    for (int64_t t0 = 0; t0 < kNR && p * kNR + t0 < n; t0 += 8) {
+      const int64_t valid = std::min<int64_t>(8, n - p * kNR - t0);
+      float* out = dst + (p * kNR + t0) * ld;
+      int64_t m0 = 0;
+      for (; m0 + 8 <= M; m0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(panel + (m0 + i) * kNR + t0);
+        transpose8x8(r);
+        for (int64_t i = 0; i < valid; ++i) _mm256_storeu_ps(out + i * ld + m0, r[i]);
+      }
+      for (; m0 < M; ++m0)
+        for (int64_t i = 0; i < valid; ++i) out[i * ld + m0] = panel[m0 * kNR + t0 + i];
+    }
   }
 }
 

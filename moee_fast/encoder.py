@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import experts, norms, ops, packing
+from . import experts, linears, norms, ops, packing
 from .adapters import Adapter, adapter_for
 from .batching import Batch, plan_batches
 from .embeddings import MoEEmbeddings
@@ -81,6 +81,7 @@ class MoEEncoder:
         # Texts run packed, without padding; attention keeps them apart (moee_fast/packing.py).
         model.set_attn_implementation(packing.register())
         norms.fuse_rms_norms(model)
+        linears.use_cpp_linears(model)
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name

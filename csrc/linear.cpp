@@ -1,0 +1,86 @@
+// linear: y = x W^T (+ b) for float32 CPU tensors, registered as torch.ops.moee_fast.linear.
+//
+// Why: the attention projections and dense MLPs of a packed batch are [~2k, H] x [H, H']
+// products, where a BLAS call packs W on every call and splits one small GEMM across the threads.
+// Here each thread takes blocks of up to 128 rows of x, packs them into panels while copying
+// (tile_kernel.h) and runs the register-tiled kernel over W in place. Each row's result depends
+// only on that row, in a fixed summation order.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "tile_kernel.h"
+
+namespace {
+
+#ifdef MOEE_FAST_AVX2
+constexpr int64_t kBlockRows = 128;
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
+                  weight_in.scalar_type() == at::kFloat,
+              "linear: x and weight must be float32 CPU tensors");
+  TORCH_CHECK(x_in.dim() >= 1 && weight_in.dim() == 2 && weight_in.size(1) == x_in.size(-1),
+              "linear: weight must be [out, ", x_in.size(-1), "], got ", weight_in.sizes());
+  const int64_t K = x_in.size(-1), M = weight_in.size(0);
+  int64_t N = 1;
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) N *= x_in.size(d);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = M;
+  at::Tensor y = at::empty(out_shape, x_in.options());
+  const float* b = nullptr;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == M,
+                "linear: bias must be a float32 [", M, "] tensor");
+    b = bias.data_ptr<float>();
+  }
+  if (N == 0 || M == 0) return y;
+  if (K == 0) return b ? y.copy_(bias.expand_as(y)) : y.zero_();
+  const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Enough blocks for every thread, each a whole number of panels.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::min(kBlockRows, std::max<int64_t>(moee_fast::kNR, (N / (2 * threads) + 15) / 16 * 16));
+  const int64_t blocks = (N + block - 1) / block;
+  const int64_t max_panels = (block + moee_fast::kNR - 1) / moee_fast::kNR;
+#pragma omp parallel num_threads(std::min(threads, blocks))
+  {
+    std::vector<float> x_panels(max_panels * K * moee_fast::kNR), y_panels(max_panels * M * moee_fast::kNR);
+    std::vector<const float*> rows(block);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < blocks; ++i) {
+      const int64_t r0 = i * block, n = std::min(block, N - r0), panels = (n + moee_fast::kNR - 1) / moee_fast::kNR;
+      for (int64_t r = 0; r < n; ++r) rows[r] = xp + (r0 + r) * K;
+      moee_fast::pack_panels(rows.data(), n, K, x_panels.data());
+      moee_fast::gemm_panels(wp, M, K, x_panels.data(), K * moee_fast::kNR, panels, y_panels.data());
+      moee_fast::unpack_panels(y_panels.data(), M, n, yp + r0 * M, M);
+      if (b)
+        for (int64_t r = 0; r < n; ++r)
+#pragma omp simd
+          for (int64_t m = 0; m < M; ++m) yp[(r0 + r) * M + m] += b[m];
+    }
+  }
+  return y;
+}
+#endif
+
+}  // namespace
+
+#ifdef MOEE_FAST_AVX2
+// Only AVX2 builds register it: elsewhere torch's own linear is the faster choice.
+TORCH_LIBRARY_FRAGMENT(moee_fast, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moee_fast, CPU, m) {
+  m.impl("linear", &linear);
+}
+#endif
