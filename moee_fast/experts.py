@@ -31,17 +31,12 @@ _SILU = ("silu", "swish")
 def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
     from transformers.integrations.moe import _default_apply_gate
 
-    from .ops import _CPP_IMPORT_ERROR
+    from .ops import cpp_applies
 
     return (
-        _CPP_IMPORT_ERROR is None
-        and hidden_states.device.type == "cpu"
-        and hidden_states.dtype == self.gate_up_proj.dtype == self.down_proj.dtype == torch.float32
-        and self.gate_up_proj.device.type == "cpu"
+        cpp_applies(hidden_states, self.gate_up_proj, self.down_proj)  # training takes the Python path
         and getattr(self.config, "hidden_act", None) in _SILU
         and getattr(type(self), "_apply_gate", None) is _default_apply_gate
-        # The op has no backward: training goes through the Python path.
-        and not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.gate_up_proj.requires_grad))
     )
 
 

@@ -15,21 +15,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .ops import cpp_applies
+
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    if (
-        x.dtype == torch.float32 == self.weight.dtype
-        and x.device.type == "cpu" == self.weight.device.type
-        and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))  # no backward
-    ):
+    if cpp_applies(x, self.weight):
         return torch.ops.moee_fast.linear(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
 
 def available() -> bool:
-    from .ops import _CPP_IMPORT_ERROR
-
-    return _CPP_IMPORT_ERROR is None and hasattr(torch.ops.moee_fast, "linear")
+    return cpp_applies() and hasattr(torch.ops.moee_fast, "linear")
 
 
 def use_cpp_linears(model: nn.Module) -> int:

@@ -16,25 +16,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .ops import cpp_applies
+
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     shape, eps = self.weight.shape, self.variance_epsilon
     if hidden_states.dtype == torch.float32 == self.weight.dtype:
-        if _cpp_applies(hidden_states, self.weight):
+        if cpp_applies(hidden_states, self.weight):
             return torch.ops.moee_fast.rms_norm(hidden_states, self.weight, eps)
         return F.rms_norm(hidden_states, shape, self.weight, eps)
     # Other dtypes round as the modules do: normalise in fp32, cast, then scale.
     return self.weight * F.rms_norm(hidden_states.float(), shape, None, eps).to(hidden_states.dtype)
-
-
-def _cpp_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    from .ops import _CPP_IMPORT_ERROR
-
-    return (
-        _CPP_IMPORT_ERROR is None
-        and x.device.type == "cpu" == weight.device.type
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no backward
-    )
 
 
 def _candidate(module: nn.Module) -> bool:

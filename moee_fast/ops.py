@@ -50,6 +50,15 @@ def _triton_installed():
     return importlib.util.find_spec("triton") is not None
 
 
+def cpp_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ CPU ops can take these tensors: the extension is built and every tensor is
+    float32 on CPU and needs no gradient (the ops have no backward)."""
+    if _CPP_IMPORT_ERROR is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad) for t in tensors)
+
+
 def available_backends():
     """Backends usable in this process, e.g. ["torch", "cpp"]."""
     names = ["torch"]

@@ -6,10 +6,12 @@ tokens only. Rotary positions restart at each text (`position_ids`), and attenti
 where each text starts from the `moee_packing` keyword, which transformers passes from the
 model's forward down to every attention call, and attends causally within each text.
 
-Attention itself runs on a padded view of the batch (texts are length-sorted, so it is little
-padding): queries, keys and values are gathered to [B, heads, T, D], one causal SDPA call
-computes them, and the result is gathered back to the packed rows. With right padding, causal
-attention never lets a real query see a padded key, so no mask is needed.
+On CPU in fp32, attention is the C++ op torch.ops.moee_fast.packed_causal_attention
+(csrc/attention.cpp), which reads the packed rows directly. Other dtypes and devices run SDPA on
+a padded view of the batch (texts are length-sorted, so it is little padding): queries, keys and
+values are gathered to [B, heads, T, D], one causal SDPA call computes them, and the result is
+gathered back to the packed rows. With right padding, causal attention never lets a real query
+see a padded key, so no mask is needed.
 """
 
 from __future__ import annotations
@@ -66,16 +68,13 @@ def _to_padded(x: torch.Tensor, packing: Packing) -> torch.Tensor:
 
 
 def _use_cpp(query, key, value, dropout: float) -> bool:
-    from .ops import _CPP_IMPORT_ERROR
+    from .ops import cpp_applies
 
     return (
-        _CPP_IMPORT_ERROR is None
-        and query.device.type == "cpu"
-        and query.dtype == key.dtype == value.dtype == torch.float32
+        cpp_applies(query, key, value)
         and dropout == 0.0
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
         and key.stride() == value.stride()
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
     )
 
 
