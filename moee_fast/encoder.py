@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import experts, linears, norms, ops, packing
+from . import experts, linears, norms, ops, packing, rotary
 from .adapters import Adapter, adapter_for
 from .batching import Batch, plan_batches
 from .embeddings import MoEEmbeddings
@@ -82,6 +82,7 @@ class MoEEncoder:
         model.set_attn_implementation(packing.register())
         norms.fuse_rms_norms(model)
         linears.use_cpp_linears(model)
+        rotary.install(model)
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
@@ -222,7 +223,7 @@ class MoEEncoder:
     @torch.inference_mode()
     def _forward(self, input_ids, position_ids, layout: packing.Packing):
         self._last, self._tokens = layout.last, input_ids.shape[1]
-        with self._tap.collect(layout.last) as tap:
+        with self._tap.collect(layout.last) as tap, rotary.fused():
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
             kept = tap.kept
         hs = out.last_hidden_state[0].float()  # the norm already ran on the last tokens only
