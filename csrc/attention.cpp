@@ -4,10 +4,10 @@
 // Why not SDPA: on CPU it needs the texts padded to one length, and its flash kernel runs short
 // texts (the bulk of evaluation suites) at a small fraction of the matmul rate. Here each work
 // item is (text, head, block of up to 64 queries), so no padded row or column is ever computed:
-//   1. the item's keys are transposed into Kt [D, keys] so four query rows x sixteen keys of
+//   1. the item's keys are transposed into Kt [D, keys] so six query rows x sixteen keys of
 //      scores accumulate in registers, one broadcast FMA per element;
 //   2. each row's softmax runs over exactly its own keys (causal, within the window);
-//   3. the same four rows accumulate p_ij * v_j in registers, sixteen columns of the head
+//   3. the same six rows accumulate p_ij * v_j in registers, sixteen columns of the head
 //      dimension at a time (probabilities outside a row's own keys are zero).
 // Items are sorted by cost and handed out dynamically, so long texts do not leave a thread idle.
 #include <torch/library.h>
@@ -27,7 +27,7 @@
 namespace {
 
 constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kRows = 4;    // query rows per score tile
+constexpr int64_t kRows = 6;    // query rows per score tile (6 vs 4: 0.62-0.67 vs 0.56-0.59 of the matmul peak on 6 x 340 tokens)
 constexpr int64_t kCols = 16;   // keys per score tile
 
 struct Item {
@@ -144,7 +144,7 @@ void run_item(const Item& item, const Operands& o, std::vector<float>& kt, std::
       std::fill(row + lo + count, row + tile_hi, 0.f);
     }
 #ifdef MOEE_FAST_AVX2
-    if (dim % 16 == 0) {  // four rows x sixteen columns of the output in registers
+    if (dim % 16 == 0) {  // six rows x sixteen columns of the output in registers
       for (int64_t d0 = 0; d0 < dim; d0 += 16)
         moee_fast::tile_x16<kRows>(scores.data() + tile_lo, cols, rows, v_base + tile_lo * o.kv_row + d0, o.kv_row,
                                    tile_hi - tile_lo, dst + d0, o.out_row, false, inv_total);
