@@ -31,7 +31,7 @@ _SILU = ("silu", "swish")
 def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
     from transformers.integrations.moe import _default_apply_gate
 
-    from .ops import cpp_applies
+    from .extension import cpp_applies
 
     return (
         cpp_applies(hidden_states, self.gate_up_proj, self.down_proj)  # training takes the Python path

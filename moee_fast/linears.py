@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ops import cpp_applies
+from .extension import cpp_applies
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ops import cpp_applies
+from .extension import cpp_applies
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

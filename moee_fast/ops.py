@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import extension
+
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 # Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
@@ -33,14 +35,6 @@ _DEFAULT_SCORE_TILE_BYTES = 32 << 20
 #   topk_combined_cosine k=10, 1k x 20k, same widths: 2,657 vs 2,984 ms (1.12x).
 _CPU_AUTO = {"gather_router_softmax": "cpp", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
 
-try:
-    from . import _C  # noqa: F401  (importing it registers torch.ops.moee_fast.*)
-
-    _CPP_IMPORT_ERROR = None
-except ImportError as exc:  # not built: no compiler at install time, or built against another torch
-    _CPP_IMPORT_ERROR = exc
-
-
 def _triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,19 +44,10 @@ def _triton_installed():
     return importlib.util.find_spec("triton") is not None
 
 
-def cpp_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ CPU ops can take these tensors: the extension is built and every tensor is
-    float32 on CPU and needs no gradient (the ops have no backward)."""
-    if _CPP_IMPORT_ERROR is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad) for t in tensors)
-
-
 def available_backends():
     """Backends usable in this process, e.g. ["torch", "cpp"]."""
     names = ["torch"]
-    if _CPP_IMPORT_ERROR is None:
+    if extension.CPP_IMPORT_ERROR is None:
         names.append("cpp")
     if _triton_installed() and (_triton_interpreted() or torch.cuda.is_available()):
         names.append("triton")
@@ -75,14 +60,14 @@ def _resolve_backend(op, backend, device):
     if backend == "auto":
         if device.type == "cuda" and _triton_installed():
             return "triton"
-        if device.type == "cpu" and _CPP_IMPORT_ERROR is None:
+        if device.type == "cpu" and extension.CPP_IMPORT_ERROR is None:
             return _CPU_AUTO[op]
         return "torch"
     if backend == "cpp":
-        if _CPP_IMPORT_ERROR is not None:
+        if extension.CPP_IMPORT_ERROR is not None:
             raise RuntimeError(
                 "backend 'cpp' is not available: the C++ extension moee_fast._C was not built or does not load "
-                f"({_CPP_IMPORT_ERROR}); reinstall with a C++ compiler and `pip install --no-build-isolation .`"
+                f"({extension.CPP_IMPORT_ERROR}); reinstall with a C++ compiler and `pip install --no-build-isolation .`"
             )
         if device.type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")

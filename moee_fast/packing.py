@@ -68,7 +68,7 @@ def _to_padded(x: torch.Tensor, packing: Packing) -> torch.Tensor:
 
 
 def _use_cpp(query, key, value, dropout: float) -> bool:
-    from .ops import cpp_applies
+    from .extension import cpp_applies
 
     return (
         cpp_applies(query, key, value)

@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from .ops import cpp_applies
+from .extension import cpp_applies
 
 _FUSED = contextvars.ContextVar("moee_fast_rotary_fused", default=False)
 

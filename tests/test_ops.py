@@ -292,7 +292,7 @@ def test_gather_router_softmax_rejects_bad_input(logits, rows, error, message):
 
 def test_unavailable_backends_raise_clear_errors(monkeypatch):
     a_hs, a_rw = pair(2)
-    monkeypatch.setattr(ops, "_CPP_IMPORT_ERROR", ImportError("no module named moee_fast._C"))
+    monkeypatch.setattr(ops.extension, "CPP_IMPORT_ERROR", ImportError("no module named moee_fast._C"))
     with pytest.raises(RuntimeError, match="backend 'cpp' is not available: the C\\+\\+ extension moee_fast._C"):
         ops.combined_cosine(a_hs, a_rw, a_hs, a_rw, backend="cpp")
     assert "cpp" not in ops.available_backends()
