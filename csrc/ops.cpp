@@ -24,7 +24,7 @@ namespace {
 
 
 // Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
-constexpr float kNormEps = 1e-8f;
+constexpr float kNormEps = 1e-8f;  // moee_fast.checks.NORM_EPS
 
 template <typename scalar_t>
 void softmax_row(const scalar_t* src, float* dst, int64_t n) {

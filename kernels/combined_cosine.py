@@ -6,8 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
-NORM_EPS = 1e-8
+from moee_fast.checks import NORM_EPS  # one zero-norm guard for every backend
 
 
 @triton.jit

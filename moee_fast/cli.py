@@ -8,8 +8,7 @@ import os
 import sys
 import time
 
-from .embeddings import VARIANTS
-from .encoder import RW_SOURCES
+from .checks import RW_SOURCES, VARIANTS
 from .prompts import PRESETS
 
 PRESET_NAMES = ", ".join(PRESETS)

@@ -10,32 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMAT = "moee-fast/1"
+from .checks import NORM_EPS, VARIANTS, check_alpha, check_variant  # noqa: F401  (re-exported)
 
-# hs: HS alone; rw: RW flattened to [N, L*E]; concat: [hs; rw]; sum: [hs/|hs|, sqrt(alpha) rw/|rw|],
-# whose dot product is cos_HS + alpha cos_RW, the paper's MoEE(sum) score.
-VARIANTS = ("hs", "rw", "concat", "sum")
+FORMAT = "moee-fast/1"
 
 # Added to the standard deviation before dividing, as the MoEE authors' z-scores do.
 STD_EPS = 1e-8
 
 
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    return variant
-
-
-def check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha weighs cos_RW in MoEE(sum) and must be finite and >= 0, got {alpha}")
-    return alpha
-
-
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero."""
-    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    """Rows scaled to unit L2 norm (norms clamped at NORM_EPS); all-zero rows stay zero."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
 @dataclass

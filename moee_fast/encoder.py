@@ -19,6 +19,7 @@ from torch import nn
 from . import experts, linears, norms, ops, packing, rotary
 from .adapters import Adapter, adapter_for
 from .batching import Batch, plan_batches
+from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
 from .embeddings import MoEEmbeddings
 from .prompts import resolve_prompt, tokenize
 
@@ -26,8 +27,6 @@ from .prompts import resolve_prompt, tokenize
 # 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
 # larger batches fill the chip (gpu_report.py).
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
-
-RW_SOURCES = ("scores", "logits")
 
 # Keys of from_pretrained's **hf_kwargs that also apply to the config and tokenizer.
 _SHARED_HF_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
@@ -166,8 +165,7 @@ class MoEEncoder:
             in fp32) or "logits" (the raw router logits, as some published evaluations used).
         """
         texts = _check_texts(texts)
-        if rw_source not in RW_SOURCES:
-            raise ValueError(f"rw_source must be one of {RW_SOURCES}, got {rw_source!r}")
+        check_rw_source(rw_source)
         self._tap.scoring = self.adapter.scoring if rw_source == "scores" else "logits"
         template = resolve_prompt(prompt)
         metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": self._tap.scoring}

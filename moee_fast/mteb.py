@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from . import ops
-from .embeddings import VARIANTS, MoEEmbeddings, Standardizer, check_alpha, check_variant
-from .encoder import RW_SOURCES, MoEEncoder
+from .checks import VARIANTS, check_alpha, check_rw_source, check_variant
+from .embeddings import MoEEmbeddings, Standardizer
+from .encoder import MoEEncoder
 from .prompts import PRESETS, Prompt, build_prompt
 from .similarity import cosine_matrix, cosine_pairwise
 
@@ -108,9 +109,7 @@ class MoEEModel:
         else:
             raise TypeError(f"instructions must be True, False or a mapping of task name to instruction, got {instructions!r}")
         self.reference_exact = bool(reference_exact)
-        if rw_source not in RW_SOURCES:
-            raise ValueError(f"rw_source must be one of {', '.join(RW_SOURCES)}, got {rw_source!r}")
-        self.rw_source = rw_source
+        self.rw_source = check_rw_source(rw_source)
         if not (standardize in STANDARDIZE_CHOICES or isinstance(standardize, Standardizer)):
             raise ValueError(f"standardize must be None, 'per_batch' or a Standardizer, got {standardize!r}")
         if isinstance(standardize, Standardizer) and standardize.shape_key != self._shape_key:

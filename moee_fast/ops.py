@@ -15,11 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from . import extension
+from .checks import NORM_EPS, check_alpha
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
-# Same guard as torch.nn.functional.cosine_similarity: a zero vector gets cosine 0, never NaN.
-NORM_EPS = 1e-8
 
 # Bytes of one [Nq, tile] fp32 score block in the top-k stream; the corpus tile is sized to fit it.
 # Bigger tiles keep the GEMM efficient and the merges few; this bounds the memory top-k needs.
@@ -103,14 +102,6 @@ def _rw_matrix(rw, name):
 
 def _row_contiguous(x):
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
-def _check_alpha(alpha):
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha.item()
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    return float(alpha)
 
 
 def _check_sides(a_hs, a_rw, b_hs, b_rw, a_name, b_name):
@@ -251,7 +242,7 @@ def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None)
 
     hs: [N, H]; rw: [N, L, E] or [N, L*E]. A zero vector has cosine 0 with everything.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     a_hs, a_rw, b_hs, b_rw = _check_sides(a_hs, a_rw, b_hs, b_rw, "a", "b")
     shape, device = (a_hs.shape[0], b_hs.shape[0]), a_hs.device
     if out is not None:
@@ -281,7 +272,7 @@ def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha=1.0, backend="auto", o
     -> (values float32 [Nq, k] descending, indices int64 [Nq, k]). Memory: Nq * (k + corpus_tile).
     out: optional (values, indices) to write into. corpus_tile: corpus rows scored per step.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     q_hs, q_rw, c_hs, c_rw = _check_sides(q_hs, q_rw, c_hs, c_rw, "q", "c")
     n_queries, n_corpus, device = q_hs.shape[0], c_hs.shape[0], q_hs.device
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_corpus:

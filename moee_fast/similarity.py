@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import ops
-from .embeddings import MoEEmbeddings, check_alpha, check_variant, unit_rows
+from .checks import check_alpha, check_variant
+from .embeddings import MoEEmbeddings, unit_rows
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 

@@ -112,7 +112,7 @@ COSINE_CASES = [
     (1, 37, 64, 2, 8, torch.float32, 1.0, False),
     (37, 53, 4096, 27, 64, torch.float32, 0.5, False),
     (53, 128, 4096, 27, 64, torch.bfloat16, 1.0, False),
-    (128, 37, 300, 16, 60, torch.float32, -2.0, True),
+    (128, 37, 300, 16, 60, torch.float32, 2.5, True),
 ]
 
 
@@ -233,8 +233,9 @@ def pair(n, hidden=16, rw_width=8, dtype=torch.float32):
         (dict(b_rw=torch.rand(4, 8, dtype=torch.float64)), TypeError, "a_rw is torch.float32 but b_rw is torch.float64"),
         (dict(b_hs=torch.randn(4, 16, device="meta")), ValueError, "one device"),
         (dict(b_rw=torch.rand(5, 8)), ValueError, "b_hs has 4 rows but b_rw has 5"),
-        (dict(alpha=float("nan")), ValueError, "alpha must be a finite number"),
-        (dict(alpha=float("inf")), ValueError, "alpha must be a finite number"),
+        (dict(alpha=float("nan")), ValueError, "alpha .*must be a finite number"),
+        (dict(alpha=float("inf")), ValueError, "alpha .*must be a finite number"),
+        (dict(alpha=-0.5), ValueError, "alpha .*must be a finite number >= 0"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
         (dict(out=torch.empty(3, 3)), ValueError, r"out must be a torch.float32 tensor of shape \(3, 4\)"),
     ],
@@ -254,7 +255,7 @@ def test_combined_cosine_rejects_bad_input(change, error, message):
         (dict(k=7), r"k must be an integer in \[1, Nc=6\], got 7"),
         (dict(c_hs=torch.randn(6, 15)), "q_hs width 16 != c_hs width 15"),
         (dict(c_rw=torch.rand(6, 2, 3)), "q_rw width 8 != c_rw width 6"),
-        (dict(alpha=float("-inf")), "alpha must be a finite number"),
+        (dict(alpha=float("-inf")), "alpha .*must be a finite number"),
         (dict(corpus_tile=0), "corpus_tile must be a positive integer"),
     ],
 )
