@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+# How a family's routers score experts: the function of the router logits that RW is made of.
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 
 

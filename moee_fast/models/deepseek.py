@@ -32,7 +32,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils.output_capturing import OutputRecorder
 
-SCORING_FUNCTIONS = ("softmax",)
+# The router scoring functions this implementation computes: the subset of
+# moee_fast.adapters.registry.SCORING_FUNCTIONS that DeepSeekMoE v1 checkpoints use.
+IMPLEMENTED_SCORING_FUNCTIONS = ("softmax",)
 
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -102,10 +104,10 @@ class DeepseekConfig(PreTrainedConfig):
 
 def check_supported(config: DeepseekConfig) -> None:
     """Fail before any weight is read on settings this implementation does not reproduce."""
-    if config.n_routed_experts is not None and config.scoring_func not in SCORING_FUNCTIONS:
+    if config.n_routed_experts is not None and config.scoring_func not in IMPLEMENTED_SCORING_FUNCTIONS:
         raise ValueError(
             f"DeepSeekMoE config has scoring_func={config.scoring_func!r}; this implementation scores "
-            f"experts with {', '.join(SCORING_FUNCTIONS)} only"
+            f"experts with {', '.join(IMPLEMENTED_SCORING_FUNCTIONS)} only"
         )
     if config.hidden_size != config.num_attention_heads * config.head_dim:
         raise ValueError(
