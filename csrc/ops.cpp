@@ -153,14 +153,23 @@ at::Tensor combined_cosine(const at::Tensor& a_hs, const at::Tensor& a_rw, const
   return combined_cosine_out(a_hs, a_rw, b_hs, b_rw, alpha, out);
 }
 
-// Per-query min-heap of (value, index) pairs stored in two parallel arrays, smallest at [0].
+// Top-k order: higher value first, then lower index. A NaN score enters as -inf (no real score is:
+// cosines are bounded), so it ranks below every number; an empty slot (-inf, kEmptySlot) ranks
+// below everything, so every slot is filled by a real corpus row.
+constexpr int64_t kEmptySlot = std::numeric_limits<int64_t>::max();
+
+inline bool ranks_below(float value, int64_t index, float other_value, int64_t other_index) {
+  return value < other_value || (value == other_value && index > other_index);
+}
+
+// Per-query min-heap (in top-k order) of (value, index) pairs stored in two parallel arrays, lowest at [0].
 void heap_replace_top(float* values, int64_t* indices, int64_t k, float value, int64_t index) {
   int64_t parent = 0;
   while (true) {
     int64_t child = 2 * parent + 1;
     if (child >= k) break;
-    if (child + 1 < k && values[child + 1] < values[child]) ++child;
-    if (values[child] >= value) break;
+    if (child + 1 < k && ranks_below(values[child + 1], indices[child + 1], values[child], indices[child])) ++child;
+    if (!ranks_below(values[child], indices[child], value, index)) break;
     values[parent] = values[child];
     indices[parent] = indices[child];
     parent = child;
@@ -189,7 +198,7 @@ std::tuple<at::Tensor&, at::Tensor&> topk_combined_cosine_out(const at::Tensor& 
   float* heap_values = values.data_ptr<float>();
   int64_t* heap_indices = indices.data_ptr<int64_t>();
   std::fill(heap_values, heap_values + n_queries * k, -std::numeric_limits<float>::infinity());
-  std::fill(heap_indices, heap_indices + n_queries * k, int64_t{-1});
+  std::fill(heap_indices, heap_indices + n_queries * k, kEmptySlot);
 
   const at::Tensor q_unit = unit_concat(q_hs, q_rw, static_cast<float>(alpha), 0, n_queries);
   const int64_t tile = std::min(corpus_tile, n_corpus);
@@ -209,20 +218,25 @@ std::tuple<at::Tensor&, at::Tensor&> topk_combined_cosine_out(const at::Tensor& 
         int64_t* row_indices = heap_indices + q * k;
         const float* row_scores = score_data + q * len;
         for (int64_t j = 0; j < len; ++j) {
-          if (row_scores[j] > row_values[0]) heap_replace_top(row_values, row_indices, k, row_scores[j], start + j);
+          const float score = std::isnan(row_scores[j]) ? -std::numeric_limits<float>::infinity() : row_scores[j];
+          if (ranks_below(row_values[0], row_indices[0], score, start + j)) {
+            heap_replace_top(row_values, row_indices, k, score, start + j);
+          }
         }
       }
     });
   }
 
-  // Heaps -> rows sorted by descending value.
+  // Heaps -> rows in top-k order; NaN scores, held as -inf, come back as NaN.
   at::parallel_for(0, n_queries, 16, [&](int64_t row_begin, int64_t row_end) {
     std::vector<std::pair<float, int64_t>> row(k);
     for (int64_t q = row_begin; q < row_end; ++q) {
       for (int64_t j = 0; j < k; ++j) row[j] = {heap_values[q * k + j], heap_indices[q * k + j]};
-      std::sort(row.begin(), row.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+      std::sort(row.begin(), row.end(),
+                [](const auto& x, const auto& y) { return ranks_below(y.first, y.second, x.first, x.second); });
       for (int64_t j = 0; j < k; ++j) {
-        heap_values[q * k + j] = row[j].first;
+        const bool was_nan = row[j].first == -std::numeric_limits<float>::infinity();
+        heap_values[q * k + j] = was_nan ? std::numeric_limits<float>::quiet_NaN() : row[j].first;
         heap_indices[q * k + j] = row[j].second;
       }
     }

@@ -8,6 +8,8 @@ import triton.language as tl
 
 from moee_fast.checks import NORM_EPS  # one zero-norm guard for every backend
 
+from .grid import tiled_grid
+
 
 @triton.jit
 def _tile_dot(a, b, offs_a, offs_b, in_a, in_b, width, stride_a, stride_b,
@@ -26,7 +28,7 @@ def _tile_dot(a, b, offs_a, offs_b, in_a, in_b, width, stride_a, stride_b,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_offset_b", "block_offset_a"])
 def _combined_cosine_kernel(
     a_hs, b_hs, a_rw, b_rw,
     a_hs_inv_norm, b_hs_inv_norm, a_rw_inv_norm, b_rw_inv_norm,
@@ -34,12 +36,15 @@ def _combined_cosine_kernel(
     n_a, n_b, hs_width, rw_width,
     stride_a_hs, stride_b_hs, stride_a_rw, stride_b_rw, stride_out,
     alpha,
+    block_offset_b, block_offset_a,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     HS_PRECISION: tl.constexpr, RW_PRECISION: tl.constexpr, HS_UPCAST: tl.constexpr, RW_UPCAST: tl.constexpr,
+    NAN_AS_NEG_INF: tl.constexpr,
 ):
+    # b (the corpus side, the long one) on grid axis x, whose cap is 2**31 - 1 (see grid.py).
     # int64 offsets: Na * Nb and N * H can pass 2**31 at corpus scale.
-    offs_a = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_b = (tl.program_id(0).to(tl.int64) + block_offset_b) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_a = (tl.program_id(1).to(tl.int64) + block_offset_a) * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = offs_a < n_a
     in_b = offs_b < n_b
     hs_dot = _tile_dot(a_hs, b_hs, offs_a, offs_b, in_a, in_b, hs_width, stride_a_hs, stride_b_hs,
@@ -49,6 +54,8 @@ def _combined_cosine_kernel(
     hs_scale = tl.load(a_hs_inv_norm + offs_a, mask=in_a, other=0.0)[:, None] * tl.load(b_hs_inv_norm + offs_b, mask=in_b, other=0.0)[None, :]
     rw_scale = tl.load(a_rw_inv_norm + offs_a, mask=in_a, other=0.0)[:, None] * tl.load(b_rw_inv_norm + offs_b, mask=in_b, other=0.0)[None, :]
     scores = hs_dot * hs_scale + alpha * (rw_dot * rw_scale)
+    if NAN_AS_NEG_INF:  # top-k ranks a NaN score last (a real score is never -inf)
+        scores = tl.where(scores != scores, -float("inf"), scores)
     tl.store(out + offs_a[:, None] * stride_out + offs_b[None, :], scores, mask=in_a[:, None] & in_b[None, :])
 
 
@@ -57,9 +64,9 @@ def inverse_norms(x):
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min_(NORM_EPS).reciprocal_()
 
 
-def _dot_precision(dtype):
-    # fp32 must stay fp32 (TF32 would miss 1e-4); bf16/fp16 already run at full tensor-core precision.
-    return "ieee" if dtype == torch.float32 else None
+def _dot_precision(dtype, precision):
+    # The precision option applies to fp32 operands; bf16/fp16 already run on tensor cores exactly.
+    return precision if dtype == torch.float32 else None
 
 
 def _dot_upcast(dtype):
@@ -68,24 +75,37 @@ def _dot_upcast(dtype):
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha, out, inv_norms=None):
+def _tile_config(half_precision):
+    """(BLOCK_A, BLOCK_B, BLOCK_K, num_warps): bigger tiles where operands are 2 bytes."""
+    return (128, 128, 64, 8) if half_precision else (64, 64, 32, 4)
+
+
+def launches(n_a, n_b, half_precision):
+    """The launches scoring [n_a, n_b]: b blocks on grid axis x, a blocks on y, within CUDA's caps."""
+    block_a, block_b, _, _ = _tile_config(half_precision)
+    return tiled_grid(triton.cdiv(n_b, block_b), triton.cdiv(n_a, block_a))
+
+
+def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha, out, precision, inv_norms=None, nan_as_neg_inf=False):
     """Inputs: 2-D, inner-contiguous, a/b dtypes matching per stream (fp32, bf16 or fp16).
     out: float32 [Na, Nb] (any row stride, unit column stride), fully overwritten.
-    inv_norms: optional precomputed (a_hs, b_hs, a_rw, b_rw) inverse norms, e.g. reused across corpus tiles."""
+    precision: tl.dot's input_precision for fp32 operands ("ieee", "tf32x3" or "tf32").
+    inv_norms: optional precomputed (a_hs, b_hs, a_rw, b_rw) inverse norms, e.g. reused across corpus tiles.
+    nan_as_neg_inf: write NaN scores as -inf, for top-k to rank them last."""
     if inv_norms is None:
         inv_norms = tuple(inverse_norms(x) for x in (a_hs, b_hs, a_rw, b_rw))
     n_a, n_b = a_hs.shape[0], b_hs.shape[0]
     half_precision = a_hs.element_size() == 2 and a_rw.element_size() == 2
-    block_a, block_b, block_k, num_warps = (128, 128, 64, 8) if half_precision else (64, 64, 32, 4)
-    grid = (triton.cdiv(n_a, block_a), triton.cdiv(n_b, block_b))
-    _combined_cosine_kernel[grid](
-        a_hs, b_hs, a_rw, b_rw, *inv_norms, out,
-        n_a, n_b, a_hs.shape[1], a_rw.shape[1],
-        a_hs.stride(0), b_hs.stride(0), a_rw.stride(0), b_rw.stride(0), out.stride(0),
-        float(alpha),
-        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k,
-        HS_PRECISION=_dot_precision(a_hs.dtype), RW_PRECISION=_dot_precision(a_rw.dtype),
-        HS_UPCAST=_dot_upcast(a_hs.dtype), RW_UPCAST=_dot_upcast(a_rw.dtype),
-        num_warps=num_warps, num_stages=3,
-    )
+    block_a, block_b, block_k, num_warps = _tile_config(half_precision)
+    for launch in launches(n_a, n_b, half_precision):
+        _combined_cosine_kernel[launch.grid](
+            a_hs, b_hs, a_rw, b_rw, *inv_norms, out,
+            n_a, n_b, a_hs.shape[1], a_rw.shape[1],
+            a_hs.stride(0), b_hs.stride(0), a_rw.stride(0), b_rw.stride(0), out.stride(0),
+            float(alpha), launch.offset_x, launch.offset_y,
+            BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k,
+            HS_PRECISION=_dot_precision(a_hs.dtype, precision), RW_PRECISION=_dot_precision(a_rw.dtype, precision),
+            HS_UPCAST=_dot_upcast(a_hs.dtype), RW_UPCAST=_dot_upcast(a_rw.dtype), NAN_AS_NEG_INF=nan_as_neg_inf,
+            num_warps=num_warps, num_stages=3,
+        )
     return out

@@ -4,8 +4,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import tiled_grid
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["block_offset", "layer_offset"])
 def _gather_router_softmax_kernel(
     first_logits,  # layer 0's logits; also fixes the element type of every layer
     pointer_table,  # int64 [L] data pointers of the layers (read only when FROM_TABLE)
@@ -16,18 +18,21 @@ def _gather_router_softmax_kernel(
     n_sequences,
     n_layers,
     n_experts,
+    block_offset,
+    layer_offset,
     FROM_TABLE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    layer = tl.program_id(1)
+    # Sequence blocks on grid axis x (cap 2**31 - 1), layers on y (see grid.py).
+    layer = tl.program_id(1) + layer_offset
     if FROM_TABLE:
         logits = tl.load(pointer_table + layer).to(tl.pointer_type(first_logits.dtype.element_ty))
         row_stride = tl.load(stride_table + layer)
     else:
         logits = first_logits
         row_stride = first_row_stride
-    sequences = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    sequences = (tl.program_id(0).to(tl.int64) + block_offset) * BLOCK_B + tl.arange(0, BLOCK_B)
     experts = tl.arange(0, BLOCK_E)
     in_batch = sequences < n_sequences
     in_block = in_batch[:, None] & (experts < n_experts)[None, :]
@@ -38,8 +43,20 @@ def _gather_router_softmax_kernel(
     x = tl.where(in_batch[:, None], x.to(tl.float32), 0.0)
     x = tl.exp(x - tl.max(x, axis=1)[:, None])
     probs = x / tl.sum(x, axis=1)[:, None]
-    out_offsets = (sequences[:, None].to(tl.int64) * n_layers + layer) * n_experts + experts[None, :]
+    out_offsets = (sequences[:, None] * n_layers + layer) * n_experts + experts[None, :]
     tl.store(out + out_offsets, probs, mask=in_block)
+
+
+def _block_sizes(n_sequences, n_experts):
+    """(BLOCK_B, BLOCK_E): about 2k logits per program, enough work without spilling a row block."""
+    block_e = triton.next_power_of_2(n_experts)
+    return max(1, min(triton.next_power_of_2(n_sequences), 2048 // block_e)), block_e
+
+
+def launches(n_sequences, n_layers, n_experts):
+    """The launches covering every (sequence block, layer): sequence blocks on grid axis x, layers on y."""
+    block_b, _ = _block_sizes(n_sequences, n_experts)
+    return tiled_grid(triton.cdiv(n_sequences, block_b), n_layers)
 
 
 def gather_router_softmax(router_logits, rows, out):
@@ -49,26 +66,16 @@ def gather_router_softmax(router_logits, rows, out):
     n_sequences, n_layers, n_experts = rows.shape[0], len(router_logits), first.shape[1]
     # A single layer (the encoder's per-layer call) skips building the pointer table.
     from_table = n_layers > 1
-    if from_table:
-        pointer_table = torch.tensor([t.data_ptr() for t in router_logits], dtype=torch.int64).to(first.device)
-        stride_table = torch.tensor([t.stride(0) for t in router_logits], dtype=torch.int64).to(first.device)
+    if from_table:  # built straight on the logits' device
+        pointer_table = torch.tensor([t.data_ptr() for t in router_logits], dtype=torch.int64, device=first.device)
+        stride_table = torch.tensor([t.stride(0) for t in router_logits], dtype=torch.int64, device=first.device)
     else:
         pointer_table = stride_table = None
-    block_e = triton.next_power_of_2(n_experts)
-    # About 2k logits per program: enough work per program without spilling a row block to memory.
-    block_b = max(1, min(triton.next_power_of_2(n_sequences), 2048 // block_e))
-    _gather_router_softmax_kernel[(triton.cdiv(n_sequences, block_b), n_layers)](
-        first,
-        pointer_table,
-        stride_table,
-        first.stride(0),
-        rows,
-        out,
-        n_sequences,
-        n_layers,
-        n_experts,
-        FROM_TABLE=from_table,
-        BLOCK_B=block_b,
-        BLOCK_E=block_e,
-    )
+    block_b, block_e = _block_sizes(n_sequences, n_experts)
+    for launch in launches(n_sequences, n_layers, n_experts):
+        _gather_router_softmax_kernel[launch.grid](
+            first, pointer_table, stride_table, first.stride(0), rows, out,
+            n_sequences, n_layers, n_experts, launch.offset_x, launch.offset_y,
+            FROM_TABLE=from_table, BLOCK_B=block_b, BLOCK_E=block_e,
+        )
     return out

@@ -5,8 +5,9 @@ import torch
 from .combined_cosine import combined_cosine, inverse_norms
 
 
-def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values, indices):
-    """values float32 [Nq, k] / indices int64 [Nq, k] are fully overwritten, sorted by descending value.
+def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values, indices, precision):
+    """values float32 [Nq, k] / indices int64 [Nq, k] are fully overwritten, sorted by descending value;
+    NaN scores rank last (written as -inf by the kernel, NaN again at the end).
 
     One buffer [Nq, k + tile] holds the running top-k in its first k columns; the kernel writes each
     corpus tile's scores straight into the rest, and torch.topk merges the two. Memory: Nq * (k + tile).
@@ -21,7 +22,8 @@ def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values, 
         end = min(start + tile, n_corpus)
         scores = candidates[:, kept:kept + end - start]
         norms = (q_norms[0], c_hs_norms[start:end], q_norms[1], c_rw_norms[start:end])
-        combined_cosine(q_hs, q_rw, c_hs[start:end], c_rw[start:end], alpha, scores, inv_norms=norms)
+        combined_cosine(q_hs, q_rw, c_hs[start:end], c_rw[start:end], alpha, scores, precision,
+                        inv_norms=norms, nan_as_neg_inf=True)
         top_values, positions = candidates[:, :kept + end - start].topk(k, dim=1)
         # Position p < kept is a survivor from earlier tiles; otherwise it is corpus row start + p - kept.
         from_tile = positions >= kept
@@ -30,4 +32,4 @@ def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values, 
         values.copy_(top_values)
         candidates[:, :k] = top_values
         kept = k
-    return values, indices
+    return values.masked_fill_(values == float("-inf"), float("nan")), indices

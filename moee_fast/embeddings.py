@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import NORM_EPS, VARIANTS, check_alpha, check_variant  # noqa: F401  (re-exported)
+from .checks import NORM_EPS, VARIANTS, as_integer, check_alpha, check_variant  # noqa: F401  (re-exported)
 
 FORMAT = "moee-fast/1"
 
@@ -78,8 +78,14 @@ class MoEEmbeddings:
         return self.hs.shape[0]
 
     def __getitem__(self, index) -> MoEEmbeddings:
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+        """One row (an integer, negative counting from the end) as a set of one; a slice, an index
+        tensor or a boolean mask as a set of those rows."""
+        many = isinstance(index, slice) or (isinstance(index, torch.Tensor) and index.dim() > 0)
+        position = None if many else as_integer(index)
+        if position is not None:
+            if not -len(self) <= position < len(self):
+                raise IndexError(f"index {position} is out of range for {len(self)} embeddings")
+            index = slice(position % len(self), position % len(self) + 1)
         return MoEEmbeddings(self.hs[index], self.rw[index], dict(self.metadata))
 
     def __repr__(self) -> str:

@@ -5,17 +5,16 @@ moee_fast._C on CPU tensors), "torch" (the readable reference, any device). "aut
 CUDA tensors, and for CPU tensors the C++ op wherever it measured faster than torch (see _CPU_AUTO).
 """
 
+import contextlib
 import functools
 import importlib.util
-import math
-import numbers
 import os
 from collections.abc import Sequence
 
 import torch
 
 from . import extension
-from .checks import NORM_EPS, check_alpha
+from .checks import DEFAULT_PRECISION, NORM_EPS, as_integer, check_alpha, check_positive_int, check_precision
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
@@ -80,6 +79,11 @@ def _resolve_backend(op, backend, device):
     return backend
 
 
+def _on_device(device):
+    """Triton launches on the current CUDA device, whatever the pointers: make it the inputs' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 
@@ -104,6 +108,14 @@ def _row_contiguous(x):
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def _check_one_device(named):
+    """named: {argument name: tensor}, every one on the first one's device (a kernel reads them all)."""
+    (first_name, first), *others = named.items()
+    for name, x in others:
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}: put every input on one device")
+
+
 def _check_sides(a_hs, a_rw, b_hs, b_rw, a_name, b_name):
     """Checks two (hs, rw) sides against each other; returns the four as row-contiguous 2-D tensors."""
     a_rw, b_rw = _rw_matrix(a_rw, f"{a_name}_rw"), _rw_matrix(b_rw, f"{b_name}_rw")
@@ -120,9 +132,7 @@ def _check_sides(a_hs, a_rw, b_hs, b_rw, a_name, b_name):
             raise ValueError(f"{a_name}_{stream} width {a.shape[1]} != {b_name}_{stream} width {b.shape[1]}")
         if a.dtype != b.dtype:
             raise TypeError(f"{a_name}_{stream} is {a.dtype} but {b_name}_{stream} is {b.dtype}")
-    devices = {name: x.device for name, x in named.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all inputs must be on one device, got {devices}")
+    _check_one_device(named)
     return tuple(_row_contiguous(x) for x in named.values())
 
 
@@ -164,6 +174,22 @@ def _torch_scores(a_hs_unit, a_rw_unit, b_hs, b_rw, alpha):
     return scores.addmm_(a_rw_unit, _unit_rows(b_rw).T, alpha=alpha)  # += alpha * cos_rw, in place
 
 
+def _nan_to_neg_inf_(scores):
+    """Top-k ranks a NaN score last: as -inf, which no real score is (cosines are bounded)."""
+    return scores.masked_fill_(scores.isnan(), float("-inf"))
+
+
+def _neg_inf_to_nan_(values):
+    return values.masked_fill_(values == float("-inf"), float("nan"))
+
+
+def topk_scores(scores, k):
+    """(values, indices) of the k best columns per row of a score matrix; NaN scores rank last and
+    come back as NaN, so every index is a real column."""
+    values, indices = _nan_to_neg_inf_(scores.clone()).topk(k, dim=1)
+    return _neg_inf_to_nan_(values), indices
+
+
 def _torch_gather_router_softmax(router_logits, rows, out):
     picked = torch.stack([logits.index_select(0, rows) for logits in router_logits], dim=1)
     probs = torch.softmax(picked.float(), dim=-1)
@@ -180,14 +206,14 @@ def _torch_topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile):
     best_values = best_indices = None
     for start in range(0, c_hs.shape[0], corpus_tile):
         end = min(start + corpus_tile, c_hs.shape[0])
-        scores = _torch_scores(q_hs_unit, q_rw_unit, c_hs[start:end], c_rw[start:end], alpha)
+        scores = _nan_to_neg_inf_(_torch_scores(q_hs_unit, q_rw_unit, c_hs[start:end], c_rw[start:end], alpha))
         candidates = torch.arange(start, end, device=q_hs.device).expand(q_hs.shape[0], -1)
         if best_values is not None:
             scores = torch.cat([best_values, scores], dim=1)
             candidates = torch.cat([best_indices, candidates], dim=1)
         best_values, positions = scores.topk(min(k, scores.shape[1]), dim=1)
         best_indices = candidates.gather(1, positions)
-    return best_values, best_indices
+    return _neg_inf_to_nan_(best_values), best_indices
 
 
 # ------------------------------------------------------------------------------------------ ops
@@ -210,8 +236,7 @@ def gather_router_softmax(router_logits, rows, backend="auto", out=None, check_r
     for layer, logits in enumerate(router_logits):
         if logits.shape[1] != n_experts:
             raise ValueError(f"router_logits[{layer}] has {logits.shape[1]} experts, router_logits[0] has {n_experts}")
-        if logits.device != device:
-            raise ValueError(f"router_logits[{layer}] is on {logits.device}, router_logits[0] on {device}")
+    _check_one_device({f"router_logits[{layer}]": logits for layer, logits in enumerate(router_logits)})
     rows = _check_rows(rows, min(logits.shape[0] for logits in router_logits), device, check_rows)
     shape = (rows.shape[0], len(router_logits), n_experts)
     if out is not None:
@@ -228,8 +253,8 @@ def gather_router_softmax(router_logits, rows, backend="auto", out=None, check_r
         return torch.ops.moee_fast.gather_router_softmax.out(router_logits, rows, out=out)
     from .kernels.gather_router_softmax import gather_router_softmax as launch
 
-    # The kernel reads every layer through layer 0's element type.
-    return launch([logits.to(first.dtype) for logits in router_logits], rows, out)
+    with _on_device(device):  # The kernel reads every layer through layer 0's element type.
+        return launch([logits.to(first.dtype) for logits in router_logits], rows, out)
 
 
 def _triton_operand(x):
@@ -237,12 +262,14 @@ def _triton_operand(x):
     return x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
 
 
-def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None):
+def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None, precision=DEFAULT_PRECISION):
     """float32 [Na, Nb]: cos(a_hs[i], b_hs[j]) + alpha * cos(a_rw[i], b_rw[j]).
 
-    hs: [N, H]; rw: [N, L, E] or [N, L*E]. A zero vector has cosine 0 with everything.
+    hs: [N, H]; rw: [N, L, E] or [N, L*E]. A zero vector has cosine 0 with everything; a NaN or inf
+    element gives NaN scores for its row. precision: how Triton multiplies fp32 operands on CUDA
+    ("tf32x3", "ieee" or "tf32"; errors in moee_fast.checks); the C++ and torch backends compute in fp32.
     """
-    alpha = check_alpha(alpha)
+    alpha, precision = check_alpha(alpha), check_precision(precision)
     a_hs, a_rw, b_hs, b_rw = _check_sides(a_hs, a_rw, b_hs, b_rw, "a", "b")
     shape, device = (a_hs.shape[0], b_hs.shape[0]), a_hs.device
     if out is not None:
@@ -257,7 +284,8 @@ def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None)
         return torch.ops.moee_fast.combined_cosine.out(a_hs, a_rw, b_hs, b_rw, alpha, out=out)
     from .kernels.combined_cosine import combined_cosine as launch
 
-    return launch(*map(_triton_operand, (a_hs, a_rw, b_hs, b_rw)), alpha, out)
+    with _on_device(device):
+        return launch(*map(_triton_operand, (a_hs, a_rw, b_hs, b_rw)), alpha, out, precision)
 
 
 def default_corpus_tile(n_queries, k, device):
@@ -266,23 +294,27 @@ def default_corpus_tile(n_queries, k, device):
     return max(k, budget // (4 * max(n_queries, 1)))
 
 
-def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha=1.0, backend="auto", out=None, corpus_tile=None):
+def topk_combined_cosine(
+    q_hs, q_rw, c_hs, c_rw, k, alpha=1.0, backend="auto", out=None, corpus_tile=None, precision=DEFAULT_PRECISION
+):
     """The k best corpus rows per query by combined cosine, without materialising [Nq, Nc].
 
     -> (values float32 [Nq, k] descending, indices int64 [Nq, k]). Memory: Nq * (k + corpus_tile).
     out: optional (values, indices) to write into. corpus_tile: corpus rows scored per step.
+    A NaN score (a NaN or inf element in its query or corpus row) ranks below every number and
+    comes back as NaN, on every backend; every index is a real corpus row. Ties come in any order.
+    precision: as for `combined_cosine`.
     """
-    alpha = check_alpha(alpha)
+    alpha, precision = check_alpha(alpha), check_precision(precision)
     q_hs, q_rw, c_hs, c_rw = _check_sides(q_hs, q_rw, c_hs, c_rw, "q", "c")
     n_queries, n_corpus, device = q_hs.shape[0], c_hs.shape[0], q_hs.device
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_corpus:
+    integer_k = as_integer(k)
+    if integer_k is None or not 1 <= integer_k <= n_corpus:
         raise ValueError(f"k must be an integer in [1, Nc={n_corpus}], got {k!r}")
-    k = int(k)
+    k = integer_k
     if corpus_tile is None:
         corpus_tile = default_corpus_tile(n_queries, k, device)
-    elif isinstance(corpus_tile, bool) or not isinstance(corpus_tile, int) or corpus_tile < 1:
-        raise ValueError(f"corpus_tile must be a positive integer, got {corpus_tile!r}")
-    corpus_tile = max(corpus_tile, k)  # the first tile alone must fill the top-k
+    corpus_tile = max(check_positive_int("corpus_tile", corpus_tile), k)  # the first tile alone must fill the top-k
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise ValueError("out must be a (values, indices) pair")
@@ -302,4 +334,5 @@ def topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha=1.0, backend="auto", o
             q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values=values, indices=indices))
     from .kernels.topk_combined_cosine import topk_combined_cosine as launch
 
-    return launch(*map(_triton_operand, (q_hs, q_rw, c_hs, c_rw)), k, alpha, corpus_tile, values, indices)
+    with _on_device(device):
+        return launch(*map(_triton_operand, (q_hs, q_rw, c_hs, c_rw)), k, alpha, corpus_tile, values, indices, precision)

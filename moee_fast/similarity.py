@@ -13,17 +13,20 @@ import numpy as np
 import torch
 
 from . import ops
-from .checks import check_alpha, check_variant
+from .checks import DEFAULT_PRECISION, check_alpha, check_positive_int, check_precision, check_variant
 from .embeddings import MoEEmbeddings, unit_rows
 
 DEFAULT_ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
-def _check_pair(a: MoEEmbeddings, b: MoEEmbeddings, variant: str, alpha: float, names=("a", "b")) -> float:
+def _check_pair(
+    a: MoEEmbeddings, b: MoEEmbeddings, variant: str, alpha: float, names=("a", "b"), precision=DEFAULT_PRECISION
+) -> float:
     for name, x in zip(names, (a, b)):
         if not isinstance(x, MoEEmbeddings):
             raise TypeError(f"{name} must be MoEEmbeddings, got {type(x).__name__}")
     check_variant(variant)
+    check_precision(precision)
     a.check_compatible(b, names)
     return check_alpha(alpha)
 
@@ -38,15 +41,18 @@ def cosine_pairwise(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (unit_rows(x.float()) * unit_rows(y.float())).sum(dim=1)
 
 
-def similarity(a: MoEEmbeddings, b: MoEEmbeddings, variant: str = "sum", alpha: float = 1.0) -> torch.Tensor:
+def similarity(
+    a: MoEEmbeddings, b: MoEEmbeddings, variant: str = "sum", alpha: float = 1.0, precision: str = DEFAULT_PRECISION
+) -> torch.Tensor:
     """float32 [Na, Nb] scores of every a against every b.
 
     "sum": cos_HS + alpha * cos_RW exactly (in [-1 - alpha, 1 + alpha]); other variants: the
-    cosine of their vectors (alpha is ignored).
+    cosine of their vectors (alpha is ignored). precision: how "sum" multiplies on CUDA
+    (`ops.combined_cosine`); the other variants run torch's fp32 matmul.
     """
-    alpha = _check_pair(a, b, variant, alpha)
+    alpha = _check_pair(a, b, variant, alpha, precision=precision)
     if variant == "sum":
-        return ops.combined_cosine(a.hs, a.rw, b.hs, b.rw, alpha=alpha)
+        return ops.combined_cosine(a.hs, a.rw, b.hs, b.rw, alpha=alpha, precision=precision)
     return cosine_matrix(a.vectors(variant), b.vectors(variant))
 
 
@@ -61,20 +67,25 @@ def similarity_pairwise(a: MoEEmbeddings, b: MoEEmbeddings, variant: str = "sum"
 
 
 def search(
-    queries: MoEEmbeddings, corpus: MoEEmbeddings, k: int, variant: str = "sum", alpha: float = 1.0
+    queries: MoEEmbeddings,
+    corpus: MoEEmbeddings,
+    k: int,
+    variant: str = "sum",
+    alpha: float = 1.0,
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best corpus rows for each query: (scores float32 [Nq, k'] descending, indices int64
-    [Nq, k']) with k' = min(k, len(corpus)). Scores are those of `similarity`; "sum" runs through
-    `ops.topk_combined_cosine`, which never holds the whole [Nq, Nc] score matrix."""
-    alpha = _check_pair(queries, corpus, variant, alpha, names=("queries", "corpus"))
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = min(k, len(corpus))
+    [Nq, k']) with k' = min(k, len(corpus)); k is any integer >= 1 (numpy integers too). Scores
+    are those of `similarity`; "sum" runs through `ops.topk_combined_cosine`, which never holds the
+    whole [Nq, Nc] score matrix. A NaN score (a row holding NaN or inf) ranks last and comes back
+    as NaN; every index is a real corpus row, on every backend."""
+    alpha = _check_pair(queries, corpus, variant, alpha, ("queries", "corpus"), precision)
+    k = min(check_positive_int("k", k), len(corpus))
     if k == 0 or len(queries) == 0:
         return torch.empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.int64)
     if variant == "sum":
-        return ops.topk_combined_cosine(queries.hs, queries.rw, corpus.hs, corpus.rw, k, alpha=alpha)
-    return cosine_matrix(queries.vectors(variant), corpus.vectors(variant)).topk(k, dim=1)
+        return ops.topk_combined_cosine(queries.hs, queries.rw, corpus.hs, corpus.rw, k, alpha=alpha, precision=precision)
+    return ops.topk_scores(cosine_matrix(queries.vectors(variant), corpus.vectors(variant)), k)
 
 
 # -------------------------------------------------------------------------------- tuning alpha

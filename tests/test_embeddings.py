@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,20 @@ def test_existing_api_still_holds(tmp_path):
     both = MoEEmbeddings.cat([e, e[2]])
     assert len(both) == 8 and torch.equal(both.vectors("concat")[7], e.vectors("concat")[2])
     assert e.shape_key == (12, 3, 5) and MoEEmbeddings.empty(12, 3, 5).vectors("sum").shape == (0, 27)
+
+
+def test_indexing_one_row_slices_and_index_tensors():
+    e = random_embeddings(n=3)
+    for index, row in ((0, 0), (2, 2), (-1, 2), (-3, 0), (np.int64(1), 1), (torch.tensor(1), 1)):
+        one = e[index]
+        assert len(one) == 1 and one.metadata == e.metadata
+        assert torch.equal(one.hs, e.hs[row : row + 1]) and torch.equal(one.rw, e.rw[row : row + 1])
+    assert torch.equal(e[1:].hs, e.hs[1:]) and len(e[5:]) == 0  # slices clip, as Python's do
+    assert torch.equal(e[torch.tensor([2, 0])].rw, e.rw[[2, 0]])
+    assert torch.equal(e[torch.tensor([True, False, True])].hs, e.hs[[0, 2]])
+
+
+@pytest.mark.parametrize("index", [3, 5, -4, np.int64(3)])
+def test_indexing_past_the_end_raises_index_error(index):
+    with pytest.raises(IndexError, match=f"index {int(index)} is out of range for 3 embeddings"):
+        random_embeddings(n=3)[index]

@@ -103,3 +103,49 @@ def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 5, 50).astype(float), rng.normal(size=50)
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
+
+
+@pytest.mark.parametrize("k", [np.int64(2), np.int32(2), torch.tensor(2), 2])
+def test_search_takes_any_integer_k(k):
+    queries, corpus = random_embeddings(3, seed=7), random_embeddings(8, seed=8)
+    values, indices = search(queries, corpus, k=k)
+    assert values.shape == indices.shape == (3, 2)
+    torch.testing.assert_close(values.double(), expected_scores(queries, corpus, "sum", 1.0).topk(2, dim=1).values,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [True, 2.0, np.float64(2), "2", torch.tensor(2.0), -1])
+def test_search_refuses_k_that_is_not_a_positive_integer(k):
+    queries, corpus = random_embeddings(3), random_embeddings(8)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        search(queries, corpus, k=k)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_search_ranks_a_nan_row_last_and_never_returns_index_minus_one(variant):
+    queries, corpus = random_embeddings(3, seed=9), random_embeddings(5, seed=10)
+    corpus.hs[1, 0] = float("nan")
+    corpus.rw[1, 0, 0] = float("nan")
+    queries.hs[2, 3] = float("nan")
+    queries.rw[2, 1, 1] = float("nan")
+    values, indices = search(queries, corpus, k=5, variant=variant)
+    assert ((indices >= 0) & (indices < 5)).all() and all(len(set(row.tolist())) == 5 for row in indices)
+    assert values[2].isnan().all()
+    assert (indices[:2, -1] == 1).all() and values[:2, -1].isnan().all() and not values[:2, :-1].isnan().any()
+    expected = expected_scores(queries[:2], corpus[[0, 2, 3, 4]], variant, 1.0)
+    torch.testing.assert_close(values[:2, :-1].double(), expected.topk(4, dim=1).values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "tf32"])
+def test_every_precision_is_accepted_and_a_bad_one_refused(precision):
+    a, b = random_embeddings(4, seed=11), random_embeddings(6, seed=12)
+    expected = expected_scores(a, b, "sum", 1.0)
+    # On CPU every backend computes in fp32; the precision option changes only the CUDA kernels.
+    torch.testing.assert_close(similarity(a, b, precision=precision).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(search(a, b, k=2, precision=precision)[0].double(), expected.topk(2, dim=1).values,
+                               rtol=1e-5, atol=1e-5)
+    for variant in VARIANTS:
+        with pytest.raises(ValueError, match="precision must be one of tf32x3, ieee, tf32"):
+            similarity(a, b, variant=variant, precision="fp64")
+        with pytest.raises(ValueError, match="precision must be one of"):
+            search(a, b, k=1, variant=variant, precision="TF32")
