@@ -495,6 +495,17 @@ def test_topk_ranks_nan_scores_last_with_real_indices(backend):
             assert values[q, real:].isnan().all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combined_cosine_scores_a_row_holding_nan_or_inf_as_nan(backend):
+    generator = fresh_generator()
+    a_hs, a_rw = embeddings(3, 16, 2, 8, torch.float32, generator)
+    b_hs, b_rw = embeddings(4, 16, 2, 8, torch.float32, generator)
+    a_hs[0, 2], b_rw[3, 1] = float("nan"), float("inf")
+    scores = ops.combined_cosine(a_hs, a_rw, b_hs, b_rw, backend=backend)
+    assert scores[0].isnan().all() and scores[:, 3].isnan().all()
+    assert_close(scores[1:, :3], reference_combined(a_hs[1:], a_rw[1:], b_hs[:3], b_rw[:3], 1.0), COSINE_TOL[torch.float32], backend)
+
+
 def test_search_helper_ranks_nan_last():
     scores = torch.tensor([[0.5, float("nan"), 0.9, -0.2], [float("nan")] * 4])
     values, indices = ops.topk_scores(scores, 3)
