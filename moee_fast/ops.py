@@ -183,13 +183,6 @@ def _neg_inf_to_nan_(values):
     return values.masked_fill_(values == float("-inf"), float("nan"))
 
 
-def topk_scores(scores, k):
-    """(values, indices) of the k best columns per row of a score matrix; NaN scores rank last and
-    come back as NaN, so every index is a real column."""
-    values, indices = _nan_to_neg_inf_(scores.clone()).topk(k, dim=1)
-    return _neg_inf_to_nan_(values), indices
-
-
 def _torch_gather_router_softmax(router_logits, rows, out):
     picked = torch.stack([logits.index_select(0, rows) for logits in router_logits], dim=1)
     probs = torch.softmax(picked.float(), dim=-1)
@@ -265,9 +258,10 @@ def _triton_operand(x):
 def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None, precision=DEFAULT_PRECISION):
     """float32 [Na, Nb]: cos(a_hs[i], b_hs[j]) + alpha * cos(a_rw[i], b_rw[j]).
 
-    hs: [N, H]; rw: [N, L, E] or [N, L*E]. A zero vector has cosine 0 with everything; a NaN or inf
-    element gives NaN scores for its row. precision: how Triton multiplies fp32 operands on CUDA
-    ("tf32x3", "ieee" or "tf32"; errors in moee_fast.checks); the C++ and torch backends compute in fp32.
+    hs: [N, H]; rw: [N, L, E] or [N, L*E] (width 0 scores the plain cosine of hs, whatever alpha).
+    A zero vector has cosine 0 with everything; a NaN or inf element gives NaN scores for its row.
+    precision: how Triton multiplies fp32 operands on CUDA ("tf32x3", "ieee" or "tf32"; errors in
+    moee_fast.checks); the C++ and torch backends compute in fp32.
     """
     alpha, precision = check_alpha(alpha), check_precision(precision)
     a_hs, a_rw, b_hs, b_rw = _check_sides(a_hs, a_rw, b_hs, b_rw, "a", "b")

@@ -1,7 +1,8 @@
 """Scores between MoEE embeddings for each variant, top-k search, and tuning MoEE(sum)'s alpha.
 
 "sum" is the paper's MoEE(sum): cos_HS + alpha * cos_RW, computed by `ops.combined_cosine`.
-Every other variant scores by the plain cosine of its vectors (`MoEEmbeddings.vectors`).
+Every other variant scores by the plain cosine of its vectors (`MoEEmbeddings.vectors`), through
+the same fused ops with an empty second stream, so top-k never holds [Nq, Nc] for any variant.
 """
 
 from __future__ import annotations
@@ -41,19 +42,26 @@ def cosine_pairwise(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (unit_rows(x.float()) * unit_rows(y.float())).sum(dim=1)
 
 
+def _streams(e: MoEEmbeddings, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two streams the fused ops score: (hs, rw) for "sum"; otherwise the variant's vectors and
+    an empty second stream, whose cosine counts 0."""
+    if variant == "sum":
+        return e.hs, e.rw
+    vectors = e.vectors(variant)
+    return vectors, vectors.new_empty(len(e), 0)
+
+
 def similarity(
     a: MoEEmbeddings, b: MoEEmbeddings, variant: str = "sum", alpha: float = 1.0, precision: str = DEFAULT_PRECISION
 ) -> torch.Tensor:
     """float32 [Na, Nb] scores of every a against every b.
 
     "sum": cos_HS + alpha * cos_RW exactly (in [-1 - alpha, 1 + alpha]); other variants: the
-    cosine of their vectors (alpha is ignored). precision: how "sum" multiplies on CUDA
-    (`ops.combined_cosine`); the other variants run torch's fp32 matmul.
+    cosine of their vectors (alpha is ignored). precision: how fp32 is multiplied on CUDA
+    (`ops.combined_cosine`).
     """
     alpha = _check_pair(a, b, variant, alpha, precision=precision)
-    if variant == "sum":
-        return ops.combined_cosine(a.hs, a.rw, b.hs, b.rw, alpha=alpha, precision=precision)
-    return cosine_matrix(a.vectors(variant), b.vectors(variant))
+    return ops.combined_cosine(*_streams(a, variant), *_streams(b, variant), alpha=alpha, precision=precision)
 
 
 def similarity_pairwise(a: MoEEmbeddings, b: MoEEmbeddings, variant: str = "sum", alpha: float = 1.0) -> torch.Tensor:
@@ -76,16 +84,15 @@ def search(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best corpus rows for each query: (scores float32 [Nq, k'] descending, indices int64
     [Nq, k']) with k' = min(k, len(corpus)); k is any integer >= 1 (numpy integers too). Scores
-    are those of `similarity`; "sum" runs through `ops.topk_combined_cosine`, which never holds the
-    whole [Nq, Nc] score matrix. A NaN score (a row holding NaN or inf) ranks last and comes back
+    are those of `similarity`, through `ops.topk_combined_cosine`, which never holds the whole
+    [Nq, Nc] score matrix. A NaN score (a row holding NaN or inf) ranks last and comes back
     as NaN; every index is a real corpus row, on every backend."""
     alpha = _check_pair(queries, corpus, variant, alpha, ("queries", "corpus"), precision)
     k = min(check_positive_int("k", k), len(corpus))
     if k == 0 or len(queries) == 0:
         return torch.empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.int64)
-    if variant == "sum":
-        return ops.topk_combined_cosine(queries.hs, queries.rw, corpus.hs, corpus.rw, k, alpha=alpha, precision=precision)
-    return ops.topk_scores(cosine_matrix(queries.vectors(variant), corpus.vectors(variant)), k)
+    streams = (*_streams(queries, variant), *_streams(corpus, variant))
+    return ops.topk_combined_cosine(*streams, k, alpha=alpha, precision=precision)
 
 
 # -------------------------------------------------------------------------------- tuning alpha

@@ -145,6 +145,22 @@ def test_combined_cosine_mixed_stream_dtypes_and_zero_vectors(backend):
     assert_close(scores[1], reference_cosine(a_rw, b_rw)[1], COSINE_TOL[torch.float32], "zero hs row")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_second_stream_gives_the_plain_cosine(backend):
+    """How similarity and search score the variants other than sum: their vectors, and nothing beside."""
+    generator = fresh_generator()
+    a, _ = embeddings(19, 70, 1, 8, torch.float32, generator)
+    b, _ = embeddings(23, 70, 1, 8, torch.float32, generator)
+    a[4] = 0
+    nothing_a, nothing_b = a.new_empty(19, 0), b.new_empty(23, 0)
+    out = torch.full((19, 23), float("nan"))
+    ops.combined_cosine(a, nothing_a, b, nothing_b, alpha=0.0, backend=backend, out=out)
+    assert_close(out, reference_cosine(a, b), COSINE_TOL[torch.float32], backend)
+    values, indices = ops.topk_combined_cosine(a, nothing_a, b, nothing_b, 4, alpha=0.0, backend=backend, corpus_tile=5)
+    assert_close(values, reference_cosine(a, b).gather(1, indices), COSINE_TOL[torch.float32], backend)
+    assert_close(values, reference_cosine(a, b).topk(4, dim=1).values, COSINE_TOL[torch.float32], backend)
+
+
 def test_auto_matches_the_reference_on_cpu():
     generator = fresh_generator()
     a_hs, a_rw = embeddings(9, 32, 2, 8, torch.float32, generator)
@@ -504,14 +520,6 @@ def test_combined_cosine_scores_a_row_holding_nan_or_inf_as_nan(backend):
     scores = ops.combined_cosine(a_hs, a_rw, b_hs, b_rw, backend=backend)
     assert scores[0].isnan().all() and scores[:, 3].isnan().all()
     assert_close(scores[1:, :3], reference_combined(a_hs[1:], a_rw[1:], b_hs[:3], b_rw[:3], 1.0), COSINE_TOL[torch.float32], backend)
-
-
-def test_search_helper_ranks_nan_last():
-    scores = torch.tensor([[0.5, float("nan"), 0.9, -0.2], [float("nan")] * 4])
-    values, indices = ops.topk_scores(scores, 3)
-    assert indices[0].tolist() == [2, 0, 3] and values[0].tolist() == pytest.approx([0.9, 0.5, -0.2])
-    assert values[1].isnan().all() and len(set(indices[1].tolist())) == 3 and (indices[1] >= 0).all()
-    assert scores[0, 1].isnan(), "the caller's scores are left as they were"
 
 
 # -------------------------------------------------------------------------------- tensor-core cosine
