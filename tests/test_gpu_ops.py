@@ -125,16 +125,24 @@ def test_one_query_over_more_rows_than_grid_y_allows():
 
 
 @compiled
-def test_nan_rows_rank_last_on_the_gpu():
+@pytest.mark.parametrize("variant", ["sum", "hs", "rw", "concat"])
+def test_search_ranks_nan_rows_last_on_the_gpu(variant):
+    """Variants other than sum run with an empty second stream: a null pointer the kernel never reads."""
     generator = fresh_generator()
     q_hs, q_rw = embeddings(3, 64, 2, 8, torch.float32, generator)
     c_hs, c_rw = embeddings(6, 64, 2, 8, torch.float32, generator)
-    c_hs[4, 1] = float("nan")
-    q_rw[1, 0, 0] = float("nan")
-    values, indices = search(MoEEmbeddings(q_hs, q_rw), MoEEmbeddings(c_hs, c_rw), k=6)
+    c_hs[4, 1], c_rw[4, 0, 1] = float("nan"), float("nan")
+    q_hs[1, 0], q_rw[1, 0, 0] = float("nan"), float("nan")
+    queries, corpus = MoEEmbeddings(q_hs, q_rw), MoEEmbeddings(c_hs, c_rw)
+    values, indices = search(queries, corpus, k=6, variant=variant)
     assert ((indices >= 0) & (indices < 6)).all()
     assert values[1].isnan().all() and values[[0, 2], -1].isnan().all() and (indices[[0, 2], -1] == 4).all()
-    assert not values[[0, 2], :-1].isnan().any()
+    if variant == "sum":
+        expected = combined64(q_hs, q_rw, c_hs, c_rw, 1.0)
+    else:
+        expected = unit64(queries.vectors(variant)) @ unit64(corpus.vectors(variant)).T
+    real = expected[[0, 2]][:, [0, 1, 2, 3, 5]].topk(5, dim=1).values
+    assert max_error(values[[0, 2], :-1], real) <= COSINE_TOL["tf32x3"]
 
 
 @compiled
