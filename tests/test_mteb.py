@@ -1,5 +1,8 @@
 import importlib
+import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -18,13 +21,16 @@ from mteb.mocks.mock_tasks import (  # noqa: E402
     MockSummarizationTask,
 )
 from mteb.mocks.mock_tasks.clustering import MockClusteringTask  # noqa: E402
+from mteb.models import CompressionWrapper  # noqa: E402
+from mteb.models.model_meta import ModelMeta  # noqa: E402
+from mteb.types import OutputDType, PromptType  # noqa: E402
 
 import moee_fast  # noqa: E402
 from moee_fast import MoEEncoder, similarity, similarity_pairwise  # noqa: E402
 from moee_fast.cli import main  # noqa: E402
 from moee_fast.demo import build_demo_checkpoint  # noqa: E402
 from moee_fast.embeddings import VARIANTS  # noqa: E402
-from moee_fast.mteb import E5_INSTRUCTIONS, PAPER_TASKS, MoEEModel  # noqa: E402
+from moee_fast.mteb import E5_INSTRUCTIONS, PAPER_TASKS, MoEEModel, load_moee_model, moee_model_name  # noqa: E402
 from moee_fast.prompts import build_prompt  # noqa: E402
 
 TEXTS = ["A man plays a guitar.", "Someone plays an instrument", 'Stocks "fell" sharply', "", "A cat sleeps in the sun."]
@@ -107,7 +113,7 @@ def test_instructions_per_task(encoder):
 
     custom = MoEEModel(encoder, instructions={"MockSTSTask": "Compare meaning", "MockRetrievalTask": {"query": "Find it"}})
     assert custom.instruction_for("MockRetrievalTask", mteb.types.PromptType.query) == "Find it"
-    assert custom.instruction_for("MockRetrievalTask", mteb.types.PromptType.document) is None
+    assert custom.instruction_for("MockRetrievalTask", mteb.types.PromptType.document) == ""
     expected = encoder.encode(TEXTS, prompt=build_prompt("prompteol", instruction="Compare meaning")).vectors("sum")
     np.testing.assert_allclose(encode_with(custom, TEXTS), expected.numpy(), rtol=1e-6, atol=1e-6)
     exact = MoEEModel(encoder, instructions={"MockSTSTask": "Compare meaning"}, reference_exact=True, rw_source="logits")
@@ -172,7 +178,10 @@ def test_cli_runs_tasks_and_prints_main_scores(demo_path, tmp_path, monkeypatch,
     assert "MockSTSTask" in printed and "cosine_spearman" in printed and "average" in printed
     assert len(list(tmp_path.rglob("MockSTSTask.json"))) == 1
     folder = next(tmp_path.rglob("MockSTSTask.json")).parent
-    assert "variant_concat" in folder.name and "rw_source_logits" in folder.name and str(folder) in printed
+    # The name carries the variant and prompt; the authors' raw-logits RW is an experiment of it.
+    assert folder.name == "rw_source_logits" and folder.parent.name == "experiments"
+    assert folder.parents[2].name.endswith("-MoEE-concat-none")
+    assert str(folder) in printed
     with pytest.raises(SystemExit, match="--tasks .* or --paper"):
         main(["mteb", "--paper", "--tasks", "STS12"])
     with pytest.raises(SystemExit, match="alpha"):
@@ -183,3 +192,62 @@ def test_cli_runs_tasks_and_prints_main_scores(demo_path, tmp_path, monkeypatch,
 
 def test_package_exports():
     assert moee_fast.similarity is similarity and callable(moee_fast.search)
+
+
+# ------------------------------------------------------------------ results where mteb looks
+def result_folders(root):
+    return sorted(path.parent.relative_to(root).as_posix() for path in root.rglob("MockSTSTask.json"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_default_settings_file_standard_results_that_mteb_loads_by_default(encoder, variant, tmp_path, monkeypatch):
+    model = MoEEModel(encoder, variant=variant)
+    result = mteb.evaluate(model, [MockSTSTask()], cache=mteb.ResultCache(tmp_path), show_progress_bar=False)
+    score = result.task_results[0].get_score()
+    name = model.mteb_model_meta.name
+    assert name.endswith(f"-MoEE-{variant}" + ("-alpha1" if variant == "sum" else ""))
+    folder = f"results/{name.replace('/', '__')}/no_revision_available"
+    assert result_folders(tmp_path) == [folder]  # the model's revision folder, no experiments/
+    assert {p.name for p in (tmp_path / folder).iterdir()} == {"MockSTSTask.json", "model_meta.json", "run_settings.jsonl"}
+
+    loaded = mteb.ResultCache(tmp_path).load_results()  # every default argument
+    assert [(r.model_name, r.model_revision) for r in loaded.model_results] == [(name, "no_revision_available")]
+    assert loaded.model_results[0].task_results[0].get_score() == pytest.approx(score, abs=1e-9)
+
+    monkeypatch.setenv("MTEB_CACHE", str(tmp_path))
+    assert [r.model_name for r in mteb.load_results(download_latest=False).model_results] == [name]
+    # mteb validates each result against its task; a mock task is not in mteb's registry, so it is passed in.
+    by_task = mteb.load_results(download_latest=False, tasks=[MockSTSTask()], models=[name])
+    assert by_task.model_results[0].task_results[0].get_score() == pytest.approx(score, abs=1e-9)
+
+
+def test_names_carry_variant_alpha_prompt_instructions(encoder):
+    names = {
+        MoEEModel(encoder, **settings).mteb_model_meta.name
+        for settings in (
+            {}, {"alpha": 0.5}, {"variant": "hs"}, {"variant": "hs", "alpha": 0.5}, {"prompt": "style"},
+            {"prompt": None}, {"prompt": "Q: {text} A:"}, {"instructions": False}, {"instructions": {"STS12": "x"}},
+        )
+    }
+    assert len(names) == 8  # alpha names only the sum variant
+    base = moee_model_name("org/ckpt", "sum", 0.5, "Q: {text}", {})
+    assert base.startswith("org/ckpt-MoEE-sum-alpha0.5-template-") and base.endswith("-noinstructions")
+    assert moee_model_name("org/ckpt", "rw", 1.0, "prompteol", E5_INSTRUCTIONS) == "org/ckpt-MoEE-rw"
+    # The reproduction options are not in the name: they are experiments of it.
+    exact = MoEEModel(encoder, reference_exact=True, rw_source="logits", standardize="per_batch", max_length=64)
+    assert exact.mteb_model_meta.name == MoEEModel(encoder).mteb_model_meta.name
+    assert exact.mteb_model_meta.experiment_kwargs == {
+        "reference_exact": True, "rw_source": "logits", "standardize": "per_batch", "standardize_batch_size": 128, "max_length": 64,
+    }
+    assert MoEEModel(encoder).mteb_model_meta.experiment_kwargs is None
+
+
+def test_reproduction_options_are_experiments_loaded_by_their_meta(encoder, tmp_path):
+    model = MoEEModel(encoder, variant="hs", rw_source="logits", reference_exact=True)
+    mteb.evaluate(model, [MockSTSTask()], cache=mteb.ResultCache(tmp_path), show_progress_bar=False)
+    name = model.mteb_model_meta.name.replace("/", "__")
+    assert result_folders(tmp_path) == [f"results/{name}/no_revision_available/experiments/reference_exact_True__rw_source_logits"]
+    cache = mteb.ResultCache(tmp_path)
+    assert cache.load_results().model_results == []  # an experiment is not the model's standard result
+    found = cache.load_results(models=[model.mteb_model_meta])
+    assert [len(r.task_results) for r in found.model_results] == [1]
