@@ -159,8 +159,7 @@ class MoEEModel:
 
     @property
     def embed_dim(self) -> int:
-        hidden, layers, experts = self._shape_key
-        return {"hs": hidden, "rw": layers * experts}.get(self.variant, hidden + layers * experts)
+        return variant_dim(self.variant, *self._shape_key)
 
     # ------------------------------------------------------------------------------- prompts
     def instruction_for(self, task_name: str, prompt_type: Any = None) -> str | None:
@@ -209,6 +208,8 @@ class MoEEModel:
         if unknown:
             raise TypeError(f"MoEEModel.encode got encode_kwargs it does not use: {', '.join(sorted(unknown))}; it takes {', '.join(ENCODE_KWARGS)}")
         output_dtype = OutputDType.from_str(precision) if precision is not None else OutputDType.FLOAT32
+        if output_dtype is OutputDType.BINARY and self.variant == "rw" and self.rw_source == "scores":
+            raise ValueError("precision='binary' keeps only signs, and RW scores are probabilities: every rw vector would be all ones")
         texts = [text for batch in inputs for text in batch["text"]]
         out = self.embed(texts, task_metadata.name, prompt_type, show_progress_bar, batch_size)
         vectors = out.vectors(self.variant, self.alpha)
@@ -275,6 +276,11 @@ class _Precomputed:
         return self.vectors
 
 
+def variant_dim(variant: str, hidden: int, layers: int, experts: int) -> int:
+    """Dimensions of a variant's vectors: H for hs, L*E for rw, H + L*E for concat and sum."""
+    return {"hs": hidden, "rw": layers * experts}.get(variant, hidden + layers * experts)
+
+
 def _check_instructions(instructions) -> Mapping[str, Instruction]:
     if instructions is True:
         return E5_INSTRUCTIONS
@@ -321,37 +327,50 @@ def model_meta(model: MoEEModel) -> ModelMeta:
     (`load_moee_model`) that rebuilds the model from the name's settings and the experiment's."""
     encoder = model.encoder
     config = encoder.model.config
-    total, active, embedding = parameter_counts(type(encoder.model), config)
+    counts = parameter_counts(type(encoder.model), config)
     folder = checkpoint_folder(encoder.name, model.revision)
-    card = _model_card(folder)
-    is_hub_id = _mteb_model_name(encoder.name) == encoder.name
+    return _moee_meta(
+        model.model_name, model.revision, encoder.name, model.naming_settings, counts,
+        embed_dim=model.embed_dim,
+        max_tokens=getattr(config, "max_position_embeddings", None),
+        memory_usage_mb=_memory_usage_mb(folder, counts[0], config),
+        card=_model_card(folder),
+        experiment_kwargs=model.experiment_kwargs,
+    )
+
+
+def _moee_meta(name: str, revision: str, checkpoint: str, naming_settings: dict[str, Any], counts: tuple[int, int, int], *,
+               embed_dim: int, max_tokens: int | None, memory_usage_mb: float, card: dict[str, Any],
+               experiment_kwargs: dict[str, Any] | None = None) -> ModelMeta:
+    """The ModelMeta of a MoEE model of `checkpoint`; counts: (all, active, embedding) parameters."""
+    is_hub_id = _mteb_model_name(checkpoint) == checkpoint
     return ModelMeta(
         loader=load_moee_model,
-        loader_kwargs={"checkpoint": encoder.name, **model.naming_settings},
-        name=model.model_name,
-        revision=model.revision,
+        loader_kwargs={"checkpoint": checkpoint, **naming_settings},
+        name=name,
+        revision=revision,
         release_date=card.get("release_date"),
         languages=card.get("languages"),
-        n_parameters=total,
-        n_active_parameters_override=active,
-        n_embedding_parameters=embedding,
-        memory_usage_mb=_memory_usage_mb(folder, total, config),
-        max_tokens=getattr(config, "max_position_embeddings", None),
-        embed_dim=model.embed_dim,
+        n_parameters=counts[0],
+        n_active_parameters_override=counts[1],
+        n_embedding_parameters=counts[2],
+        memory_usage_mb=memory_usage_mb,
+        max_tokens=max_tokens,
+        embed_dim=embed_dim,
         license=card.get("license"),
         open_weights=True,
         public_training_code=None,
         public_training_data=None,
         framework=["PyTorch", "Transformers"],
-        reference=f"https://huggingface.co/{encoder.name}" if is_hub_id else None,
+        reference=f"https://huggingface.co/{checkpoint}" if is_hub_id else None,
         # For "sum" the cosine of the vectors is the MoEE(sum) score over (1 + alpha): cosine is how
         # every variant's vectors compare (MoEEModel.similarity returns the unscaled score).
         similarity_fn_name=ScoringFunction.COSINE,
-        use_instructions=bool(model.instructions),
+        use_instructions=bool(naming_settings["instructions"]),
         training_datasets=None,  # no training beyond the checkpoint's own, whose data is not listed
-        adapted_from=encoder.name if is_hub_id else None,
+        adapted_from=checkpoint if is_hub_id else None,
         citation=CITATION,
-        experiment_kwargs=model.experiment_kwargs or None,
+        experiment_kwargs=experiment_kwargs or None,
     )
 
 
@@ -456,6 +475,56 @@ def _mteb_model_name(name: str) -> str:
     return "moee-fast/" + (os.path.basename(os.path.normpath(name)) or "model")
 
 
+# ---------------------------------------------------------------------------------- registry
+# The checkpoints the MoEE paper and its released code evaluate, known to mteb by the names of their
+# default settings in each variant (`mteb.get_model("allenai/OLMoE-1B-7B-0924-MoEE-sum-alpha1")`).
+# Revisions: the Hub commits of their published snapshots. Counts (all, active, embedding
+# parameters of the base model) as `parameter_counts` gives them for the published configs; shape:
+# (hidden size, MoE layers, experts); memory: their bf16 weights, LM head included.
+PAPER_CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "allenai/OLMoE-1B-7B-0924": dict(
+        revision="6d84c48581ece794365f2b8e9cfb043c68ade9c5", counts=(6816139264, 1075972096, 103022592),
+        shape=(2048, 16, 64), max_tokens=4096,
+        card={"license": "apache-2.0", "languages": ["eng-Latn"], "release_date": "2024-09-03"},
+    ),
+    "Qwen/Qwen1.5-MoE-A2.7B": dict(
+        revision="1a758c50ecb6350748b9ce0a99d2352fd9fc11c9", counts=(14004619264, 2066843648, 311164928),
+        shape=(2048, 24, 60), max_tokens=8192,
+        card={"license": "https://huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/LICENSE", "languages": ["eng-Latn"], "release_date": "2024-03-28"},
+    ),
+    "deepseek-ai/deepseek-moe-16b-base": dict(
+        revision="521d2bc4fb69a3f3ae565310fcc3b65f97af2580", counts=(16166012928, 2409220096, 209715200),
+        shape=(2048, 27, 64), max_tokens=4096,
+        card={"license": "https://github.com/deepseek-ai/DeepSeek-MoE/blob/main/LICENSE-MODEL", "languages": ["eng-Latn", "zho-Hans"], "release_date": "2024-01-11"},
+    ),
+    "mistralai/Mixtral-8x7B-v0.1": dict(
+        revision="fc7ac94680e38d7348cfa806e51218e6273104b0", counts=(46571720704, 12617781248, 131072000),
+        shape=(4096, 32, 8), max_tokens=32768,
+        card={"license": "apache-2.0", "languages": ["deu-Latn", "eng-Latn", "fra-Latn", "ita-Latn", "spa-Latn"], "release_date": "2023-12-11"},
+    ),
+}
+
+
+def _register_paper_models() -> None:
+    """Add each paper checkpoint's four variants, at their default settings, to mteb's registry."""
+    from mteb.models.model_implementations import MODEL_REGISTRY
+
+    for checkpoint, known in PAPER_CHECKPOINTS.items():
+        for variant in VARIANTS:
+            settings = {"variant": variant, "alpha": DEFAULT_ALPHA, "prompt": DEFAULT_PROMPT, "instructions": True}
+            name = moee_model_name(checkpoint, variant, DEFAULT_ALPHA, DEFAULT_PROMPT, E5_INSTRUCTIONS)
+            MODEL_REGISTRY.setdefault(name, _moee_meta(
+                name, known["revision"], checkpoint, settings, known["counts"],
+                embed_dim=variant_dim(variant, *known["shape"]),
+                max_tokens=known["max_tokens"],
+                memory_usage_mb=round((known["counts"][0] + known["counts"][2]) * 2 / 2**20, 1),
+                card=known["card"],
+            ))
+
+
+_register_paper_models()
+
+
 # ---------------------------------------------------------------------------------- running
 def get_tasks(task_names: list[str]) -> list:
     """MTEB's task objects for these names."""
@@ -485,6 +554,6 @@ def results_folder(model: MoEEModel, output_dir: str | os.PathLike | None = None
 
 
 __all__ = [
-    "E5_INSTRUCTIONS", "MoEEModel", "PAPER_TASKS", "VARIANTS", "evaluate", "get_tasks", "load_moee_model",
+    "E5_INSTRUCTIONS", "MoEEModel", "PAPER_CHECKPOINTS", "PAPER_TASKS", "VARIANTS", "evaluate", "get_tasks", "load_moee_model",
     "model_meta", "moee_model_name", "parameter_counts", "results_folder",
 ]
