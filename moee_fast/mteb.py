@@ -545,12 +545,17 @@ def evaluate(model: MoEEModel, tasks: list, output_dir: str | os.PathLike | None
     )
 
 
-def results_folder(model: MoEEModel, output_dir: str | os.PathLike | None = None):
+def results_folder(model: MoEEModel, output_dir: str | os.PathLike | None = None, precision: str | None = None):
     """The folder where `evaluate(model, ..., output_dir)` writes its task files:
     `<output_dir>/results/<name with / as __>/<revision>/`, then `experiments/<options>/` when
-    the model has reproduction options (`MoEEModel.experiment_kwargs`)."""
+    the model has reproduction options (`MoEEModel.experiment_kwargs`) or a `precision` is asked
+    (mteb adds it as `output_dtypes`)."""
     cache = mteb.ResultCache(output_dir) if output_dir is not None else mteb.ResultCache()
-    return cache.get_task_result_path("task", model.mteb_model_meta).parent
+    meta = model.mteb_model_meta
+    if precision is not None:
+        options = {**(meta.experiment_kwargs or {}), "output_dtypes": OutputDType.from_str(precision).value}
+        meta = meta.model_copy(update={"experiment_kwargs": options})
+    return cache.get_task_result_path("task", meta).parent
 
 
 __all__ = [

@@ -181,7 +181,10 @@ def test_cli_runs_tasks_and_prints_main_scores(demo_path, tmp_path, monkeypatch,
     # The name carries the variant and prompt; the authors' raw-logits RW is an experiment of it.
     assert folder.name == "rw_source_logits" and folder.parent.name == "experiments"
     assert folder.parents[2].name.endswith("-MoEE-concat-none")
-    assert str(folder) in printed
+    assert str(folder) in printed and "load_experiments='match_name'" in printed
+    assert main(argv[:-4] + ["--precision", "int8", "--output-dir", str(tmp_path / "int8")]) == 0
+    folder = next((tmp_path / "int8").rglob("MockSTSTask.json")).parent
+    assert folder.name == "output_dtypes_int8" and str(folder) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--tasks .* or --paper"):
         main(["mteb", "--paper", "--tasks", "STS12"])
     with pytest.raises(SystemExit, match="alpha"):
