@@ -207,6 +207,7 @@ class MoEEModel:
         another OutputDType. batch_size: most texts per forward; show_progress_bar: the encoder's bar."""
         if unknown:
             raise TypeError(f"MoEEModel.encode got encode_kwargs it does not use: {', '.join(sorted(unknown))}; it takes {', '.join(ENCODE_KWARGS)}")
+        batch_size = check_positive_int("encode_kwargs batch_size", batch_size, allow_none=True)
         output_dtype = OutputDType.from_str(precision) if precision is not None else OutputDType.FLOAT32
         if output_dtype is OutputDType.BINARY and self.variant == "rw" and self.rw_source == "scores":
             raise ValueError("precision='binary' keeps only signs, and RW scores are probabilities: every rw vector would be all ones")
@@ -384,12 +385,13 @@ def parameter_counts(model_class: type, config) -> tuple[int, int, int]:
         model = model_class._from_config(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel()
-    routed = sum(p.numel() for name, p in model.named_parameters() if "experts" in name.split(".") and p.dim() == 3)
-    experts_per_layer = {p.shape[0] for name, p in model.named_parameters() if "experts" in name.split(".") and p.dim() == 3}
+    # Routed experts are stacked [experts, ...] weights of a module named "experts" in every family.
+    stacked = [p for name, p in model.named_parameters() if "experts" in name.split(".") and p.dim() == 3]
+    routed, experts = sum(p.numel() for p in stacked), {p.shape[0] for p in stacked}
     top_k = getattr(config, "num_experts_per_tok", None)
-    if not routed or top_k is None or len(experts_per_layer) != 1:
+    if not routed or top_k is None or len(experts) != 1:
         return total, total - embedding, embedding
-    return total, total - embedding - routed + routed * top_k // experts_per_layer.pop(), embedding
+    return total, total - embedding - routed + routed * top_k // experts.pop(), embedding
 
 
 def checkpoint_folder(name: str, revision: str | None = None) -> str | None:

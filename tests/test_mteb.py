@@ -304,6 +304,9 @@ def test_unusable_encode_kwargs_are_refused_by_name(encoder):
         encode_with(model, TEXTS, precision="int3")
     with pytest.raises(TypeError, match="normalize_embeddings.*batch_size, show_progress_bar, precision"):
         encode_with(model, TEXTS, normalize_embeddings=True)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="encode_kwargs batch_size must be an integer >= 1"):
+            encode_with(model, TEXTS, batch_size=bad)
     with pytest.raises(ValueError, match="binary.*probabilities"):
         encode_with(MoEEModel(encoder, variant="rw"), TEXTS, precision="binary")
 
@@ -445,3 +448,16 @@ def test_paper_checkpoints_are_known_to_mteb(checkpoint_name):
         assert meta.loader is load_moee_model and meta.revision == known["revision"] and len(meta.revision) == 40
         assert meta.loader_kwargs == {"checkpoint": checkpoint_name, "variant": variant, "alpha": 1.0, "prompt": "prompteol", "instructions": True}
         assert meta.n_embedding_parameters == fields["vocab_size"] * fields["hidden_size"]
+
+
+def test_submission_copies_the_standard_results_with_their_run_settings(encoder, tmp_path):
+    """What mteb's submit_results copies into the results repository (offline: the copy step alone)."""
+    from mteb.cache.result_cache import CopyResultsAction
+
+    model = MoEEModel(encoder, variant="concat")
+    cache = mteb.ResultCache(tmp_path / "cache")
+    mteb.evaluate(model, [MockSTSTask()], cache=cache, show_progress_bar=False)
+    unsubmitted = cache._get_unsubmitted_results([model.mteb_model_meta])
+    CopyResultsAction(unsubmitted, tmp_path / "repository").do()
+    copied = tmp_path / "repository" / model.mteb_model_meta.name.replace("/", "__") / "no_revision_available"
+    assert {p.name for p in copied.iterdir()} == {"MockSTSTask.json", "model_meta.json", "run_settings.jsonl"}
