@@ -314,7 +314,7 @@ def moee_model_name(base: str, variant: str, alpha: float, prompt: str | None, i
     `-instructions-<hash>`). E.g. `allenai/OLMoE-1B-7B-0924-MoEE-sum-alpha1`."""
     parts = [base, "MoEE", variant]
     if variant == "sum":
-        parts.append(f"alpha{alpha:g}")
+        parts.append(f"alpha{alpha:.12g}")  # 1.0 -> alpha1, 0.25 -> alpha0.25
     if prompt != DEFAULT_PROMPT:
         parts.append("verbatim" if prompt is None else prompt if prompt in PRESETS else "template-" + _short_hash(prompt))
     parts.append(_instructions_label(instructions))
