@@ -108,7 +108,8 @@ def cmd_mteb(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"moee mteb: {exc}")
     print(f"{model!r}\ntasks: {', '.join(task_names)}", file=sys.stderr)
-    result = evaluate(model, tasks, output_dir=args.output_dir, overwrite=args.overwrite)
+    encode_kwargs = {"precision": args.precision} if args.precision else None
+    result = evaluate(model, tasks, output_dir=args.output_dir, overwrite=args.overwrite, encode_kwargs=encode_kwargs)
     metadata = {task.metadata.name: task.metadata for task in tasks}
     rows = [(r.task_name, metadata[r.task_name].type, metadata[r.task_name].main_score, r.get_score()) for r in result.task_results]
     width = max([len("average")] + [len(row[0]) for row in rows])
@@ -117,7 +118,10 @@ def cmd_mteb(args) -> int:
         print(f"{name:<{width}}  {task_type:<18}  {score_name:<16}  {100 * score:.2f}")
     if rows:
         print(f"{'average':<{width}}  {'':<18}  {'':<16}  {100 * sum(row[3] for row in rows) / len(rows):.2f}")
-    print(f"MTEB result files: {results_folder(model, args.output_dir)}")
+    folder = results_folder(model, args.output_dir, precision=args.precision)
+    experiment = ", load_experiments='match_name'" if "experiments" in folder.parts else ""
+    print(f"MTEB result files: {folder}\nload them with "
+          f"mteb.ResultCache({str(args.output_dir)!r}).load_results(models=[{model.mteb_model_meta.name!r}]{experiment})")
     return 0
 
 
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--standardize", choices=("none", "per_batch"), default="none",
                             help="per_batch: the authors' z-scores over each --standardize-batch-size texts (batch-dependent)")
     evaluation.add_argument("--standardize-batch-size", type=int, default=128, help="(default: %(default)s)")
+    evaluation.add_argument("--precision", choices=("int8", "uint8", "int4", "uint4", "binary", "float16", "bfloat16"),
+                            help="quantize the vectors as mteb's CompressionWrapper does (results filed as an output_dtypes experiment)")
     evaluation.add_argument("--output-dir", default="results", help="where MTEB writes its result files (default: %(default)s)")
     evaluation.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results there")
     _add_model_arguments(evaluation)

@@ -25,8 +25,10 @@ PRESETS: dict[str, str] = {
     "grammar_structure": 'In one word, describe the grammatical structure of the following sentence (simple, compound, complex) - "{text}" :',
 }
 
-# GritLM's embedding-instruction format, which the paper's evaluation used.
+# GritLM's embedding-instruction format, which the paper's evaluation used; an empty instruction
+# (in the authors' code, the corpus side of a retrieval task) still marks where the text begins.
 INSTRUCTION_FORMAT = "<|user|>\n{instruction}\n<|embed|>\n"
+EMPTY_INSTRUCTION_FORMAT = "<|embed|>\n"
 
 _SENTENCE_ENDINGS = ".?!\"'"
 
@@ -74,10 +76,17 @@ def preprocess_text(text: str, empty_as_period: bool = True) -> str:
     return text.replace('"', "'")
 
 
-def format_instruction(instruction: str) -> str:
+def format_instruction(instruction: str, reference_exact: bool = False) -> str:
     """`<|user|>\\n{instruction}\\n<|embed|>\\n`, after trailing `:`, spaces and newlines are
-    stripped from the instruction."""
-    return INSTRUCTION_FORMAT.format(instruction=instruction.rstrip(": \n"))
+    stripped from the instruction.
+
+    reference_exact: as the authors' code did, strip those characters at both ends, and format an
+    instruction left empty as `<|embed|>\\n`.
+    """
+    if not reference_exact:
+        return INSTRUCTION_FORMAT.format(instruction=instruction.rstrip(": \n"))
+    instruction = instruction.strip(": \n")
+    return INSTRUCTION_FORMAT.format(instruction=instruction) if instruction else EMPTY_INSTRUCTION_FORMAT
 
 
 def build_prompt(preset_or_template: str, instruction: str | None = None, reference_exact: bool = False) -> Prompt:
@@ -85,7 +94,8 @@ def build_prompt(preset_or_template: str, instruction: str | None = None, refere
 
     Presets apply the authors' text clean-up; plain templates use the text as given.
     instruction: a task instruction, formatted as INSTRUCTION_FORMAT and placed before the prompt
-        (with reference_exact, inside the quotes before the text, as the authors' code did).
+        (with reference_exact, inside the quotes before the text, as the authors' code did). None
+        or "" adds nothing, except that with reference_exact "" adds `<|embed|>\\n` as theirs did.
     """
     if not isinstance(preset_or_template, str):
         raise TypeError(f"prompt must be a preset name or a template string, got {type(preset_or_template).__name__}")
@@ -97,7 +107,8 @@ def build_prompt(preset_or_template: str, instruction: str | None = None, refere
             f"containing {PLACEHOLDER} exactly once"
         )
     prefix, suffix = template.split(PLACEHOLDER)
-    formatted_instruction = format_instruction(instruction) if instruction else ""
+    wanted = instruction is not None and (instruction != "" or reference_exact)
+    formatted_instruction = format_instruction(instruction, reference_exact) if wanted else ""
     if reference_exact:
         return Prompt(prefix, suffix, is_preset, inner_prefix=formatted_instruction, reference_exact=True)
     return Prompt(formatted_instruction + prefix, suffix, is_preset)

@@ -112,3 +112,25 @@ def test_truncation_keeps_preset_and_instruction(tokenizer, reference_exact):
     assert decoded.endswith('" means in one word:"')
     assert "Retrieve semantically similar text." in decoded
     assert ids[1] == tokenizer(prompt.format("Short"))["input_ids"]
+
+
+def test_reference_exact_strips_the_instruction_at_both_ends():
+    """The authors' code strips `: \\n` from both ends of an instruction; the default path only
+    trims its end."""
+    instruction = ": \nFind snake_case names:\n"
+    exact = build_prompt("prompteol", instruction=instruction, reference_exact=True)
+    assert exact.format("x") == EOL.format("<|user|>\nFind snake case names\n<|embed|>\nx.")
+    assert format_instruction(instruction, reference_exact=True) == "<|user|>\nFind snake_case names\n<|embed|>\n"
+    normal = build_prompt("prompteol", instruction=instruction)
+    assert normal.format("x") == "<|user|>\n: \nFind snake_case names\n<|embed|>\n" + EOL.format("x.")
+
+
+@pytest.mark.parametrize("instruction", ["", ": \n"])
+def test_reference_exact_empty_instruction_still_marks_the_text(instruction):
+    """An empty instruction (the corpus side of a retrieval task in the authors' code) adds
+    `<|embed|>\\n` under reference_exact, and nothing otherwise."""
+    exact = build_prompt("prompteol", instruction=instruction, reference_exact=True)
+    assert exact.format("A cat") == EOL.format("<|embed|>\nA cat.")
+    assert exact.format("") == EOL.format("<|embed|>\n.")
+    assert build_prompt("prompteol", instruction="").format("A cat") == EOL.format("A cat.")
+    assert build_prompt("prompteol", instruction=None, reference_exact=True).format("A cat") == EOL.format("A cat.")
