@@ -1,0 +1,92 @@
+"""Reading a checkpoint's config, tokenizer and weight files so that no code shipped with it runs
+and every unreadable piece is named.
+
+transformers runs a checkpoint's own `configuration_*.py` / `modeling_*.py` when its config.json
+maps a model type transformers does not know (`auto_map`), after asking on the terminal. Every
+loader call here passes `trust_remote_code=False`, and a model type neither transformers nor
+moee-fast implements is refused before transformers sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
+# What tokenizer classes read; a checkpoint directory without any of them has no vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+
+# A sentence any real vocabulary turns into tokens (an unknown-token id at worst).
+_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def load_config(name: str, **hf_kwargs):
+    """The checkpoint's config, as transformers' (or moee-fast's own) config class for its
+    model_type; an unknown model_type is refused, naming it and the supported families."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from . import models  # noqa: F401  (registers the configs of the families transformers lacks)
+    from .adapters import supported_families
+
+    config_dict, _ = PretrainedConfig.get_config_dict(name, **hf_kwargs)  # reads JSON only
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        code = " (its config.json points to code shipped with the checkpoint, which moee-fast never runs)" if "auto_map" in config_dict else ""
+        raise ValueError(
+            f"{name}: model type {model_type!r} is not supported{code}. "
+            f"Supported families: {', '.join(supported_families())}"
+        )
+    return AutoConfig.from_pretrained(name, **NO_REMOTE_CODE, **hf_kwargs)
+
+
+def load_tokenizer(name: str, **hf_kwargs):
+    """The checkpoint's tokenizer. transformers builds an empty one (no vocabulary) when the
+    tokenizer files are missing; that is refused here, naming the files looked for."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, **NO_REMOTE_CODE, **hf_kwargs)
+    if not tokenizer(_PROBE, add_special_tokens=False)["input_ids"]:
+        directory = checkpoint_directory(name, hf_kwargs.get("subfolder"))
+        where = f"{directory} has none of" if os.path.isdir(directory) else "the checkpoint lacks"
+        raise ValueError(
+            f"{name}: the tokenizer is empty (no vocabulary): {where} the tokenizer files "
+            f"({', '.join(TOKENIZER_FILES)}); copy them from the model's original repository"
+        )
+    return tokenizer
+
+
+def checkpoint_directory(name: str, subfolder: str | None) -> str:
+    return os.path.join(name, subfolder) if subfolder else name
+
+
+def check_weight_files(directory: str) -> None:
+    """Open the header of every safetensors weight file a local checkpoint directory lists (its
+    index, else model.safetensors), so a truncated or garbage file is named before loading."""
+    if not os.path.isdir(directory):
+        return  # a Hub id: transformers downloads and checks the files
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        files = ["model.safetensors"]
+    for file in files:
+        path = os.path.join(directory, file)
+        if os.path.isfile(path):  # a missing shard is the loader's error to name
+            check_safetensors_file(path)
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise a ValueError naming `path` when it is not a complete safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu"):
+            pass
+    except SafetensorError as exc:
+        raise ValueError(
+            f"weight file {path} is not a readable safetensors file ({exc}): it is truncated or corrupted; "
+            "download or copy it again"
+        ) from exc
