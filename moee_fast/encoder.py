@@ -122,12 +122,12 @@ class MoEEncoder:
         model_class = _base_model_class(config)
         adapter = adapter_for(config.model_type, model_class)
 
-        loading.check_weight_files(loading.checkpoint_directory(name, hf_kwargs.get("subfolder")))
+        loading.check_weight_files(loading.checkpoint_directory(name, hf_kwargs.get("subfolder")), hf_kwargs.get("allow_pickle", False))
         with _quiet_transformers():
             if config.model_type in models.NATIVE_LOADERS:
                 model = models.NATIVE_LOADERS[config.model_type](name, config=config, dtype=dtype, device=device, **hf_kwargs)
             else:
-                model = AutoModel.from_pretrained(name, dtype=dtype, **loading.NO_REMOTE_CODE, **hf_kwargs)
+                model = AutoModel.from_pretrained(name, dtype=dtype, **loading.transformers_kwargs(hf_kwargs))
         if "device_map" not in hf_kwargs:
             model = model.to(device)
         if device.type == "cpu" and "experts_implementation" not in hf_kwargs:

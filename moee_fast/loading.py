@@ -9,7 +9,6 @@ moee-fast implements is refused before transformers sees it.
 
 from __future__ import annotations
 
-import json
 import os
 
 NO_REMOTE_CODE = {"trust_remote_code": False}
@@ -61,21 +60,26 @@ def checkpoint_directory(name: str, subfolder: str | None) -> str:
     return os.path.join(name, subfolder) if subfolder else name
 
 
-def check_weight_files(directory: str) -> None:
-    """Open the header of every safetensors weight file a local checkpoint directory lists (its
-    index, else model.safetensors), so a truncated or garbage file is named before loading."""
+def check_weight_files(directory: str, allow_pickle: bool = False) -> None:
+    """In a local checkpoint directory: refuse pickle-only weights unless `allow_pickle`, and open
+    the header of every safetensors file its index lists, so a truncated or garbage file is named
+    before loading."""
     if not os.path.isdir(directory):
         return  # a Hub id: transformers downloads and checks the files
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f).get("weight_map", {}).values()))
-    else:
-        files = ["model.safetensors"]
-    for file in files:
-        path = os.path.join(directory, file)
-        if os.path.isfile(path):  # a missing shard is the loader's error to name
+    from .models.deepseek import weight_files  # the published layouts, shared by every family
+
+    kind, files = weight_files(directory, allow_pickle)
+    if kind == "safetensors":
+        for path in files:
             check_safetensors_file(path)
+
+
+def transformers_kwargs(hf_kwargs: dict) -> dict:
+    """Keyword arguments for transformers' model loader: never checkpoint code, and pickle
+    weights only when the caller passed allow_pickle=True."""
+    kwargs = {key: value for key, value in hf_kwargs.items() if key != "allow_pickle"}
+    kwargs.setdefault("use_safetensors", not hf_kwargs.get("allow_pickle", False))
+    return {**kwargs, **NO_REMOTE_CODE}
 
 
 def check_safetensors_file(path: str) -> None:

@@ -171,6 +171,20 @@ def test_unreadable_weight_file_is_named(checkpoint, tokenizer_corpus, tmp_path,
             load_deepseek(path)
 
 
+def test_pickle_weights_load_only_when_allowed(checkpoint, tmp_path):
+    """transformers' loader as the native one: a .bin can run code when unpickled."""
+    source = checkpoint("olmoe")
+    path = copy_checkpoint(source, tmp_path / "ckpt")
+    torch.save(load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "pytorch_model.bin"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin.*allow_pickle=True"):
+        MoEEncoder.from_pretrained(path, device="cpu")
+    texts = random_texts(4, seed=8)
+    out = MoEEncoder.from_pretrained(path, device="cpu", allow_pickle=True).encode(texts)
+    expected = MoEEncoder.from_pretrained(source, device="cpu").encode(texts)
+    assert torch.equal(out.hs, expected.hs) and torch.equal(out.rw, expected.rw)
+
+
 @pytest.mark.parametrize("poison", [math.nan, math.inf])
 def test_non_finite_embeddings_name_their_rows(checkpoint, tmp_path, poison):
     path = copy_checkpoint(checkpoint("olmoe"), tmp_path / "ckpt")

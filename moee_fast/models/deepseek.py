@@ -454,7 +454,7 @@ def load_deepseek(
     with torch.device("meta"):
         model = DeepseekModel(config)  # checks the config: nothing is allocated yet
     kind, files = weight_files(directory, allow_pickle)  # fails on a missing shard before reading any
-    check_weight_files(directory)  # names a truncated or garbage shard before reading any
+    check_weight_files(directory, allow_pickle)  # names a truncated or garbage shard before reading any
 
     device = torch.device(device)
     model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # buffers computed, not loaded
