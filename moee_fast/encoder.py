@@ -123,7 +123,7 @@ class MoEEncoder:
         adapter = adapter_for(config.model_type, model_class)
 
         loading.check_weight_files(loading.checkpoint_directory(name, hf_kwargs.get("subfolder")), hf_kwargs.get("allow_pickle", False))
-        with _quiet_transformers():
+        with _quiet_transformers(), loading.naming_unreadable_weights(name, hf_kwargs):
             if config.model_type in models.NATIVE_LOADERS:
                 model = models.NATIVE_LOADERS[config.model_type](name, config=config, dtype=dtype, device=device, **hf_kwargs)
             else:

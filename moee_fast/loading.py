@@ -9,6 +9,7 @@ moee-fast implements is refused before transformers sees it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 NO_REMOTE_CODE = {"trust_remote_code": False}
@@ -72,6 +73,30 @@ def check_weight_files(directory: str, allow_pickle: bool = False) -> None:
     if kind == "safetensors":
         for path in files:
             check_safetensors_file(path)
+
+
+@contextlib.contextmanager
+def naming_unreadable_weights(name: str, hf_kwargs: dict):
+    """A weight file transformers fetched from the Hub and could not read: named from the local
+    cache where it lies (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        check_weight_files(_cached_snapshot(name, hf_kwargs))  # raises, naming the file
+        raise ValueError(f"{name}: a weight file is not a readable safetensors file ({exc})") from exc
+
+
+def _cached_snapshot(name: str, hf_kwargs: dict) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(name, revision=hf_kwargs.get("revision"), cache_dir=hf_kwargs.get("cache_dir"),
+                                 local_files_only=True)
+    except Exception:  # not in the cache after all: nothing more to name
+        return name
+    return checkpoint_directory(root, hf_kwargs.get("subfolder"))
 
 
 def transformers_kwargs(hf_kwargs: dict) -> dict:

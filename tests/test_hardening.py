@@ -171,6 +171,20 @@ def test_unreadable_weight_file_is_named(checkpoint, tokenizer_corpus, tmp_path,
             load_deepseek(path)
 
 
+def test_unreadable_weight_file_from_the_hub_cache_is_named(checkpoint, tmp_path):
+    """A Hub id whose cached snapshot holds a garbage weight file (no network: the cache only)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--acme--tiny-moe"
+    snapshot = copy_checkpoint(checkpoint("olmoe"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    hub = dict(cache_dir=str(tmp_path / "cache"), local_files_only=True, device="cpu")
+    assert MoEEncoder.from_pretrained("acme/tiny-moe", **hub).encode(["a text"]).hs.isfinite().all()
+    damage(os.path.join(snapshot, "model.safetensors"), "garbage")
+    with pytest.raises(ValueError, match=rf"weight file .*{commit}.model\.safetensors is not a readable safetensors file"):
+        MoEEncoder.from_pretrained("acme/tiny-moe", **hub)
+
+
 def test_pickle_weights_load_only_when_allowed(checkpoint, tmp_path):
     """transformers' loader as the native one: a .bin can run code when unpickled."""
     source = checkpoint("olmoe")
