@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 
 # Added to a row norm before dividing (as torch's cosine_similarity does): a zero vector has
 # cosine 0 with everything, never NaN. The torch reference, the C++ op and the Triton kernel use it.
@@ -73,3 +74,59 @@ def check_positive_int(name: str, value, allow_none: bool = False) -> int | None
     if integer is None or integer < 1:
         raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
     return integer
+
+
+# ------------------------------------------------------------------------- texts and embeddings
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(texts: list[str]) -> None:
+    """Every text must be encodable as UTF-8: a lone surrogate (e.g. "\\ud800", left by a bad
+    decode) has no bytes the tokenizer could read."""
+    for i, text in enumerate(texts):
+        found = _SURROGATE.search(text)
+        if found:
+            raise ValueError(
+                f"texts[{i}] holds a lone surrogate {found.group()!r} at character {found.start()}, "
+                "which is not valid Unicode text; decode its source with errors='replace' or drop it"
+            )
+
+
+def check_max_length(max_length, context: int | None) -> int | None:
+    """max_length: None or an integer >= 1 and at most the model's context."""
+    max_length = check_positive_int("max_length", max_length, allow_none=True)
+    if max_length is not None and context is not None and max_length > context:
+        raise ValueError(f"max_length={max_length} exceeds this model's context of {context} positions (max_position_embeddings)")
+    return max_length
+
+
+def check_context(lengths: list[int], context: int | None) -> None:
+    """Refuse texts whose tokens (prompt included) do not fit the model's positions: past them
+    the model's output is not an embedding of the text."""
+    if context is None:
+        return
+    too_long = [i for i, length in enumerate(lengths) if length > context]
+    if too_long:
+        first = too_long[0]
+        others = f" ({len(too_long)} texts are too long: {_some_rows(too_long)})" if len(too_long) > 1 else ""
+        raise ValueError(
+            f"texts[{first}] is {lengths[first]} tokens long with its prompt, beyond this model's context of "
+            f"{context} positions (max_position_embeddings){others}; pass max_length (--max-length) to truncate"
+        )
+
+
+def check_finite_rows(hs, rw, indices: list[int]) -> None:
+    """HS and RW of one batch (on the CPU, in batch order) must be finite: NaN or Inf means
+    corrupted weights or an overflowing dtype, never an embedding."""
+    finite = hs.isfinite().all(dim=1) & rw.flatten(1).isfinite().all(dim=1)
+    if not bool(finite.all()):
+        bad = sorted(indices[j] for j in (~finite).nonzero().flatten().tolist())
+        raise ValueError(
+            f"the model produced non-finite (NaN or Inf) embeddings for {_some_rows(bad)}: its weights may be "
+            "corrupted, or the dtype overflows (try dtype=torch.float32)"
+        )
+
+
+def _some_rows(indices: list[int], shown: int = 5) -> str:
+    names = ", ".join(f"texts[{i}]" for i in indices[:shown])
+    return names + (f" and {len(indices) - shown} more" if len(indices) > shown else "")

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import experts, linears, norms, ops, packing, rotary
+from . import experts, linears, loading, norms, ops, packing, rotary
 from .adapters import Adapter, adapter_for
 from .batching import Batch, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
+from .checks import check_context, check_finite_rows, check_max_length, check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
 from .prompts import resolve_prompt, tokenize
 
@@ -101,7 +102,7 @@ class MoEEncoder:
         CPU. Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
         quantization_config, ...). Attention always runs moee-fast's packed attention.
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         from . import models  # registers the families transformers lacks
 
@@ -111,33 +112,39 @@ class MoEEncoder:
         dtype = _resolve_dtype(dtype, device)
         if hf_kwargs.pop("attn_implementation", None) is not None:
             warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=2)
-        if hf_kwargs.get("trust_remote_code"):
+        if hf_kwargs.pop("trust_remote_code", False):
             raise ValueError("moee-fast never runs code shipped with a checkpoint; drop trust_remote_code")
         shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
         try:
-            config = AutoConfig.from_pretrained(name, **shared)
+            config = loading.load_config(name, **shared)
         except OSError as exc:
             raise OSError(f"could not load a checkpoint from {name!r}: not a local directory, and {exc}") from exc
         model_class = _base_model_class(config)
         adapter = adapter_for(config.model_type, model_class)
 
-        with _quiet_transformers():
+        loading.check_weight_files(loading.checkpoint_directory(name, hf_kwargs.get("subfolder")), hf_kwargs.get("allow_pickle", False))
+        with _quiet_transformers(), loading.naming_unreadable_weights(name, hf_kwargs):
             if config.model_type in models.NATIVE_LOADERS:
                 model = models.NATIVE_LOADERS[config.model_type](name, config=config, dtype=dtype, device=device, **hf_kwargs)
             else:
-                model = AutoModel.from_pretrained(name, dtype=dtype, **hf_kwargs)
+                model = AutoModel.from_pretrained(name, dtype=dtype, **loading.transformers_kwargs(hf_kwargs))
         if "device_map" not in hf_kwargs:
             model = model.to(device)
         if device.type == "cpu" and "experts_implementation" not in hf_kwargs:
             # Measured on CPU: 1.4-1.7x transformers' default grouped_mm path (benchmarks/).
             model.set_experts_implementation(experts.register())
-        tokenizer = AutoTokenizer.from_pretrained(name, **shared)
+        tokenizer = loading.load_tokenizer(name, **shared)
         return cls(model, tokenizer, adapter, name=name)
 
     # ----------------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens (prompt included) a text may have: the model's position count."""
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     @property
     def num_moe_layers(self) -> int:
@@ -165,6 +172,9 @@ class MoEEncoder:
             in fp32) or "logits" (the raw router logits, as some published evaluations used).
         """
         texts = _check_texts(texts)
+        check_unicode(texts)
+        batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+        max_length = check_max_length(max_length, self.context_length)
         check_rw_source(rw_source)
         self._tap.scoring = self.adapter.scoring if rw_source == "scores" else "logits"
         template = resolve_prompt(prompt)
@@ -180,6 +190,7 @@ class MoEEncoder:
                     f"texts[{i}] is empty and this tokenizer adds no special token, so it has no last "
                     "token to read; use a prompt template or drop the text"
                 )
+        check_context([len(seq) for seq in ids], self.context_length)
         batches = plan_batches([len(seq) for seq in ids], self.token_budget, batch_size)
         hs = torch.empty(len(texts), self.hidden_size, dtype=torch.float32)
         rw = torch.empty(len(texts), self.num_moe_layers, self.num_experts, dtype=torch.float32)
@@ -188,9 +199,10 @@ class MoEEncoder:
 
         with tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
             for batch in batches:
-                batch_hs, batch_rw = self._run(ids, batch)
+                batch_hs, batch_rw = (x.cpu() for x in self._run(ids, batch))
+                check_finite_rows(batch_hs, batch_rw, batch.indices)
                 index = torch.tensor(batch.indices)
-                hs[index], rw[index] = batch_hs.cpu(), batch_rw.cpu()
+                hs[index], rw[index] = batch_hs, batch_rw
                 bar.update(len(batch.indices))
         metadata["tokens"] = str(sum(len(seq) for seq in ids))
         return MoEEmbeddings(hs, rw, metadata)

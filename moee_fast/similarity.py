@@ -7,6 +7,7 @@ the same fused ops with an empty second stream, so top-k never holds [Nq, Nc] fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -164,7 +165,21 @@ def tune_alpha(
     gold = np.asarray(gold, dtype=np.float64)
     if gold.shape != (len(a),):
         raise ValueError(f"gold must hold one score per pair ({len(a)}), got shape {gold.shape}")
+    if not np.isfinite(gold).all():
+        raise ValueError(f"gold[{int(np.flatnonzero(~np.isfinite(gold))[0])}] is not a finite number")
+    if len(gold) < 2 or np.ptp(gold) == 0:
+        raise ValueError("gold scores must differ (at least two distinct values): a constant gold ranks nothing")
     cos_hs = similarity_pairwise(a, b, "hs").double().numpy()
     cos_rw = similarity_pairwise(a, b, "rw").double().numpy()
-    scores = [float(metric_fn(cos_hs + alpha * cos_rw, gold)) for alpha in alphas]
+    scores = [_metric_unless_constant(metric_fn, cos_hs + alpha * cos_rw, gold) for alpha in alphas]
+    if np.isnan(scores).all():
+        raise ValueError("the pair scores are constant at every alpha tried (identical pairs?): no alpha ranks them")
     return AlphaTable(alphas, scores, metric_name)
+
+
+def _metric_unless_constant(metric_fn, pair_scores: np.ndarray, gold: np.ndarray) -> float:
+    """NaN (never the best) where the pair scores are constant up to fp32 rounding: there a
+    correlation is undefined, or only ranks rounding noise."""
+    if np.ptp(pair_scores) <= 1e-6 * max(1.0, float(np.abs(pair_scores).max())):
+        return math.nan
+    return float(metric_fn(pair_scores, gold))

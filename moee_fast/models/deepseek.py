@@ -32,6 +32,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils.output_capturing import OutputRecorder
 
+from ..loading import NO_REMOTE_CODE, check_weight_files
+
 # The router scoring functions this implementation computes: the subset of
 # moee_fast.adapters.registry.SCORING_FUNCTIONS that DeepSeekMoE v1 checkpoints use.
 IMPLEMENTED_SCORING_FUNCTIONS = ("softmax",)
@@ -446,7 +448,7 @@ def load_deepseek(
         cache_dir=cache_dir, local_files_only=local_files_only, subfolder=subfolder,
     )
     if config is None:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, **NO_REMOTE_CODE)
     if not isinstance(config, DeepseekConfig):
         raise TypeError(f"expected a DeepseekConfig, got {type(config).__name__} (model_type {config.model_type!r})")
     config._attn_implementation = attn_implementation
@@ -454,6 +456,7 @@ def load_deepseek(
     with torch.device("meta"):
         model = DeepseekModel(config)  # checks the config: nothing is allocated yet
     kind, files = weight_files(directory, allow_pickle)  # fails on a missing shard before reading any
+    check_weight_files(directory, allow_pickle)  # names a truncated or garbage shard before reading any
 
     device = torch.device(device)
     model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # buffers computed, not loaded

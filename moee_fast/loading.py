@@ -1,0 +1,121 @@
+"""Reading a checkpoint's config, tokenizer and weight files so that no code shipped with it runs
+and every unreadable piece is named.
+
+transformers runs a checkpoint's own `configuration_*.py` / `modeling_*.py` when its config.json
+maps a model type transformers does not know (`auto_map`), after asking on the terminal. Every
+loader call here passes `trust_remote_code=False`, and a model type neither transformers nor
+moee-fast implements is refused before transformers sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
+# What tokenizer classes read; a checkpoint directory without any of them has no vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+
+# A sentence any real vocabulary turns into tokens (an unknown-token id at worst).
+_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def load_config(name: str, **hf_kwargs):
+    """The checkpoint's config, as transformers' (or moee-fast's own) config class for its
+    model_type; an unknown model_type is refused, naming it and the supported families."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from . import models  # noqa: F401  (registers the configs of the families transformers lacks)
+    from .adapters import supported_families
+
+    config_dict, _ = PretrainedConfig.get_config_dict(name, **hf_kwargs)  # reads JSON only
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        code = " (its config.json points to code shipped with the checkpoint, which moee-fast never runs)" if "auto_map" in config_dict else ""
+        raise ValueError(
+            f"{name}: model type {model_type!r} is not supported{code}. "
+            f"Supported families: {', '.join(supported_families())}"
+        )
+    return AutoConfig.from_pretrained(name, **NO_REMOTE_CODE, **hf_kwargs)
+
+
+def load_tokenizer(name: str, **hf_kwargs):
+    """The checkpoint's tokenizer. transformers builds an empty one (no vocabulary) when the
+    tokenizer files are missing; that is refused here, naming the files looked for."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, **NO_REMOTE_CODE, **hf_kwargs)
+    if not tokenizer(_PROBE, add_special_tokens=False)["input_ids"]:
+        directory = checkpoint_directory(name, hf_kwargs.get("subfolder"))
+        where = f"{directory} has none of" if os.path.isdir(directory) else "the checkpoint lacks"
+        raise ValueError(
+            f"{name}: the tokenizer is empty (no vocabulary): {where} the tokenizer files "
+            f"({', '.join(TOKENIZER_FILES)}); copy them from the model's original repository"
+        )
+    return tokenizer
+
+
+def checkpoint_directory(name: str, subfolder: str | None) -> str:
+    return os.path.join(name, subfolder) if subfolder else name
+
+
+def check_weight_files(directory: str, allow_pickle: bool = False) -> None:
+    """In a local checkpoint directory: refuse pickle-only weights unless `allow_pickle`, and open
+    the header of every safetensors file its index lists, so a truncated or garbage file is named
+    before loading."""
+    if not os.path.isdir(directory):
+        return  # a Hub id: transformers downloads and checks the files
+    from .models.deepseek import weight_files  # the published layouts, shared by every family
+
+    kind, files = weight_files(directory, allow_pickle)
+    if kind == "safetensors":
+        for path in files:
+            check_safetensors_file(path)
+
+
+@contextlib.contextmanager
+def naming_unreadable_weights(name: str, hf_kwargs: dict):
+    """A weight file transformers fetched from the Hub and could not read: named from the local
+    cache where it lies (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        check_weight_files(_cached_snapshot(name, hf_kwargs))  # raises, naming the file
+        raise ValueError(f"{name}: a weight file is not a readable safetensors file ({exc})") from exc
+
+
+def _cached_snapshot(name: str, hf_kwargs: dict) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(name, revision=hf_kwargs.get("revision"), cache_dir=hf_kwargs.get("cache_dir"),
+                                 local_files_only=True)
+    except Exception:  # not in the cache after all: nothing more to name
+        return name
+    return checkpoint_directory(root, hf_kwargs.get("subfolder"))
+
+
+def transformers_kwargs(hf_kwargs: dict) -> dict:
+    """Keyword arguments for transformers' model loader: never checkpoint code, and pickle
+    weights only when the caller passed allow_pickle=True."""
+    kwargs = {key: value for key, value in hf_kwargs.items() if key != "allow_pickle"}
+    kwargs.setdefault("use_safetensors", not hf_kwargs.get("allow_pickle", False))
+    return {**kwargs, **NO_REMOTE_CODE}
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise a ValueError naming `path` when it is not a complete safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu"):
+            pass
+    except SafetensorError as exc:
+        raise ValueError(
+            f"weight file {path} is not a readable safetensors file ({exc}): it is truncated or corrupted; "
+            "download or copy it again"
+        ) from exc
