@@ -5,8 +5,8 @@ import torch
 from torch.nn import functional as F
 
 from moee_fast import MoEEncoder
-from moee_fast import packing
-from moee_fast.packing import pack, packed_attention
+from moee_fast.fastpath import attention as packing
+from moee_fast.fastpath.attention import pack, packed_attention
 from conftest import random_texts, relative_error, save_checkpoint
 from test_encoder import reference_embeddings
 
