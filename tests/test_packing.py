@@ -92,3 +92,22 @@ def test_bfloat16_runs_the_torch_paths_and_matches_fp32(checkpoint, family):
     assert out.hs.dtype == torch.float32 and not out.hs.isnan().any()
     assert relative_error(out.hs, ref_hs).max() <= 2e-2  # measured ~8e-3 (OLMoE)
     assert relative_error(out.rw, ref_rw).max() <= 2e-2
+
+
+def test_where_attention_pads_the_encoder_counts_padded_slots(checkpoint):
+    """bf16 on CPU takes the padded SDPA fallback: each forward's B x longest stays within the
+    budget (fp32 CPU runs the C++ packed attention, whose cost is its real tokens)."""
+    path = checkpoint("olmoe")
+    assert not MoEEncoder.from_pretrained(path, device="cpu")._count_padding
+    enc = MoEEncoder.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
+    assert enc._count_padding
+    enc.token_budget = 300
+    shapes = []
+    enc.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append((kwargs["moee_packing"].batch_size, kwargs["moee_packing"].max_len)),
+        with_kwargs=True,
+    )
+    texts = random_texts(30, seed=17, max_words=120)
+    out = enc.encode(texts)
+    assert sum(b for b, _ in shapes) == len(texts) and not out.hs.isnan().any()
+    assert all(b * longest <= 300 or b == 1 for b, longest in shapes)
