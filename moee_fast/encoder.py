@@ -1,9 +1,10 @@
 """MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token) out.
 
-One forward per batch through the base model (no LM head), with forward hooks that keep only
-what the embedding reads: each MoE router's row at the last tokens, reduced to fp32 scores as
-its layer runs, and the final norm applied to the last tokens alone. The last decoder layer's
-MLP/MoE block also runs on the last tokens alone: no later layer reads the other positions.
+One packed forward per batch through the base model (no LM head), with forward hooks on the
+routers that keep only what the embedding reads: each MoE router's row at the last tokens,
+reduced to fp32 scores as its layer runs. Everything that makes the forward fast (packed
+attention, fused ops, the last layer on the last tokens only) is moee_fast.fastpath, installed
+by the constructor; `enc.fast_path` says what it applied.
 """
 
 from __future__ import annotations
