@@ -172,3 +172,11 @@ def test_dense_checkpoint_is_refused_naming_the_families(tmp_path, tokenizer_cor
         MoEEncoder.from_pretrained(str(tmp_path))
     for family in supported_families():
         assert family in str(info.value)
+
+
+def test_weights_load_straight_onto_an_accelerator_unless_the_caller_placed_them():
+    from moee_fast.encoder import _placement
+
+    assert _placement(torch.device("cuda:1"), {}) == {"device_map": {"": torch.device("cuda:1")}}
+    assert _placement(torch.device("cuda"), {"device_map": "auto"}) == {}  # the caller's map stands
+    assert _placement(torch.device("cpu"), {}) == {}  # transformers loads on CPU anyway

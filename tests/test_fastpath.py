@@ -156,3 +156,25 @@ def test_parts_are_inactive_outside_an_encoder_forward(checkpoint):
     input_ids = torch.tensor([tokenizer("a text of a few words")["input_ids"]])
     torch.testing.assert_close(model(input_ids=input_ids).last_hidden_state, fresh(input_ids=input_ids).last_hidden_state)
     handle.remove()
+
+
+def test_the_native_deepseek_model_runs_the_same_parts_and_restores_exactly(tmp_path, tokenizer_corpus):
+    from deepseek_reference import write_checkpoint
+    from moee_fast.models import load_deepseek
+
+    path = write_checkpoint(tmp_path, tokenizer_corpus, seed=5)
+    texts = random_texts(7, seed=6, max_words=40)
+    every = MoEEncoder.from_pretrained(path, device="cpu")
+    assert every.fast_path.parts >= {"attention", "experts", "norms", "trim"}
+    expected = every.encode(texts, batch_size=3)
+    for parts in ("none", set(PARTS) - {"attention"}, set(PARTS) - {"experts"}):
+        out = MoEEncoder.from_pretrained(path, device="cpu", fast_path=parts).encode(texts, batch_size=3)
+        assert relative_error(out.hs, expected.hs).max() <= 1e-5 and relative_error(out.rw, expected.rw).max() <= 1e-5
+
+    model = load_deepseek(path)
+    fresh = copy.deepcopy(model)
+    before = _process_wide_state(model)
+    fastpath.install(model).remove()
+    assert _process_wide_state(model) == before
+    input_ids = torch.tensor([every.tokenizer(texts[2])["input_ids"]])
+    assert torch.equal(model(input_ids=input_ids).last_hidden_state, fresh(input_ids=input_ids).last_hidden_state)
