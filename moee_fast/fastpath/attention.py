@@ -125,12 +125,17 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _flash_head_dims(qk_dim: int | None, v_dim: int | None) -> bool:
+    """Flash attention's head sizes: equal for queries and values, a multiple of 8, at most 256."""
+    return qk_dim is not None and qk_dim == v_dim and qk_dim % 8 == 0 and qk_dim <= 256
+
+
 def varlen_applies(query: torch.Tensor, value: torch.Tensor) -> bool:
-    """CUDA flash attention takes fp16/bf16 tensors with equal query and value head sizes."""
+    """CUDA flash attention takes fp16/bf16 tensors with head sizes it supports."""
     return (
         query.is_cuda
         and query.dtype in _VARLEN_DTYPES
-        and query.shape[-1] == value.shape[-1]
+        and _flash_head_dims(query.shape[-1], value.shape[-1])
         and varlen_available()
     )
 
@@ -182,9 +187,11 @@ def runs_padded(model: nn.Module) -> bool:
         return False
     config = model.config
     qk_dim = getattr(config, "qk_head_dim", None) or getattr(config, "head_dim", None)
-    v_dim = getattr(config, "v_head_dim", None)
-    equal_dims = v_dim is None or qk_dim is None or v_dim == qk_dim
-    return not (weight.device.type == "cuda" and weight.dtype in _VARLEN_DTYPES and equal_dims and varlen_available())
+    if qk_dim is None and getattr(config, "num_attention_heads", None):
+        qk_dim = config.hidden_size // config.num_attention_heads
+    v_dim = getattr(config, "v_head_dim", None) or qk_dim
+    flash = weight.device.type == "cuda" and weight.dtype in _VARLEN_DTYPES and varlen_available()
+    return not (flash and _flash_head_dims(qk_dim, v_dim))
 
 
 def install(model: nn.Module) -> PartReport:
