@@ -9,6 +9,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 
@@ -55,6 +56,28 @@ def unpatchable_reason(module: nn.Module, weights: tuple[str, ...] = ("weight",)
         if weight.is_meta:
             return "weights on the meta device (offloaded)"
     return None
+
+
+@torch.no_grad()
+def reproduces(original: Callable, fused: Callable, inputs: tuple, tolerance: float = 0.0) -> bool:
+    """Whether `fused(*inputs)` returns what `original(*inputs)` does: as many tensors, of the same
+    shapes and dtypes, equal within `tolerance` (0: bitwise). An original that refuses the
+    inputs is another function than the one the fused op reproduces."""
+    try:
+        expected = original(*inputs)
+    except Exception:
+        return False
+    got = fused(*inputs)
+    expected, got = (x if isinstance(x, (tuple, list)) else (x,) for x in (expected, got))
+    return len(expected) == len(got) and all(_same(e, g, tolerance) for e, g in zip(expected, got))
+
+
+def _same(expected, got, tolerance: float) -> bool:
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
+        return False
+    if tolerance == 0.0:
+        return torch.equal(expected, got)
+    return bool(torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance * 1e-3))
 
 
 def replace_forward(module: nn.Module, forward: Callable) -> Callable[[], None]:
