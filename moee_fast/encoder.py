@@ -84,12 +84,12 @@ class MoEEncoder:
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
-        self.device = next(model.parameters()).device
+        self.device = _input_device(model)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
         self.routers = adapter.routers(model)
         self._tap = _RouterTap(self.routers, adapter.logits_position(model))
         # The padded SDPA fallback costs B x longest: then batch plans count padded slots.
-        self._count_padding = "attention" in self.fast_path.parts and attention.runs_padded(model)
+        self._count_padding = "attention" in self.fast_path.parts and attention.runs_padded(model, self.device)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -267,6 +267,15 @@ def _check_location(name: str) -> None:
     hub_like = len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and os.sep == "/"
     if not hub_like or os.path.exists(name):
         raise FileNotFoundError(f"no checkpoint directory at {name!r}")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where a batch's inputs go: the execution device of a model accelerate offloads (its
+    weights wait on the meta device), else its first parameter's device that holds data."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _placement(device: torch.device, hf_kwargs: dict) -> dict:

@@ -178,3 +178,19 @@ def test_the_native_deepseek_model_runs_the_same_parts_and_restores_exactly(tmp_
     assert _process_wide_state(model) == before
     input_ids = torch.tensor([every.tokenizer(texts[2])["input_ids"]])
     assert torch.equal(model(input_ids=input_ids).last_hidden_state, fresh(input_ids=input_ids).last_hidden_state)
+
+
+def test_a_model_accelerate_offloads_keeps_its_hooked_modules_and_still_encodes_alike(checkpoint):
+    from accelerate import cpu_offload
+
+    path = checkpoint("olmoe")
+    model, tokenizer = _load(path)
+    cpu_offload(model, execution_device=torch.device("cpu"))  # weights wait on meta, hooks bring them in
+    enc = MoEEncoder(model, tokenizer, adapter_for("olmoe", type(model)))
+    summary = str(enc.fast_path)
+    for part in ("experts", "norms", "linears"):
+        assert part not in enc.fast_path.parts
+        assert f"{part:<10} off  forward hooked or replaced (accelerate" in summary
+    texts = random_texts(6, seed=12, max_words=50)
+    out, expected = enc.encode(texts), MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    assert relative_error(out.hs, expected.hs).max() <= 1e-5 and relative_error(out.rw, expected.rw).max() <= 1e-5

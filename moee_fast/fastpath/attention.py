@@ -179,18 +179,18 @@ def _to_padded(x: torch.Tensor, packing: Packing) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-def runs_padded(model: nn.Module) -> bool:
-    """Whether this model's packed attention takes the padded SDPA fallback, whose cost is
-    B x longest slots: batch plans must then count padding against the token budget."""
-    weight = next(model.parameters())
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and cpp_op("packed_causal_attention"):
+def runs_padded(model: nn.Module, device: torch.device) -> bool:
+    """Whether this model's packed attention, computing on `device`, takes the padded SDPA
+    fallback, whose cost is B x longest slots: batch plans must then count padding."""
+    dtype = next(model.parameters()).dtype
+    if device.type == "cpu" and dtype == torch.float32 and cpp_op("packed_causal_attention"):
         return False
     config = model.config
     qk_dim = getattr(config, "qk_head_dim", None) or getattr(config, "head_dim", None)
     if qk_dim is None and getattr(config, "num_attention_heads", None):
         qk_dim = config.hidden_size // config.num_attention_heads
     v_dim = getattr(config, "v_head_dim", None) or qk_dim
-    flash = weight.device.type == "cuda" and weight.dtype in _VARLEN_DTYPES and varlen_available()
+    flash = device.type == "cuda" and dtype in _VARLEN_DTYPES and varlen_available()
     return not (flash and _flash_head_dims(qk_dim, v_dim))
 
 
