@@ -94,83 +94,178 @@ void gated_silu_panels(float* gu, const float* weight, int64_t n, int64_t inter)
 }
 #endif
 
+struct Shapes {
+  int64_t T, H, E, I, k;  // tokens, hidden size, experts, expert width, experts per token
+};
+
+Shapes check_arguments(const at::Tensor& hidden, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                       const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& out) {
+  TORCH_CHECK(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && hidden.dim() == 2,
+              "moe_experts: hidden must be a float32 CPU [T, H] matrix");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && down.scalar_type() == at::kFloat && gate_up.dim() == 3 &&
+                  down.dim() == 3 && gate_up.device().is_cpu() && down.device().is_cpu(),
+              "moe_experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] must be float32 CPU tensors");
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) == H, "moe_experts: gate_up_proj must be [E, 2I, H]");
+  TORCH_CHECK(down.size(0) == E && down.size(1) == H && down.size(2) == I, "moe_experts: down_proj must be [E, H, I]");
+  TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.size(0) == T && top_k_weights.sizes() == top_k_index.sizes(),
+              "moe_experts: top_k_index and top_k_weights must both be [T, k]");
+  TORCH_CHECK(at::isIntegralType(top_k_index.scalar_type(), false) && at::isFloatingType(top_k_weights.scalar_type()),
+              "moe_experts: top_k_index must be integer and top_k_weights floating point");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.sizes() == hidden.sizes(),
+              "moe_experts: out must be a contiguous float32 CPU tensor shaped like hidden");
+  return {T, H, E, I, top_k_index.size(1)};
+}
+
+// The (token, slot) pairs counting-sorted by expert (stable: pairs keep token order within an
+// expert), so each expert's rows form one contiguous block [start[e], start[e + 1]).
+struct SortedPairs {
+  std::vector<int64_t> start;        // [E + 1]
+  std::vector<int64_t> pair_at;      // row -> pair (token * k + slot)
+  std::vector<int64_t> row_of_pair;  // pair -> row
+  std::vector<float> weight_at;      // row -> the pair's routing weight
+};
+
+SortedPairs sort_pairs_by_expert(const int64_t* expert_of, const float* weight_of, int64_t P, int64_t E) {
+  SortedPairs sorted{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(P), std::vector<int64_t>(P),
+                     std::vector<float>(P)};
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = expert_of[p];
+    TORCH_CHECK(e >= 0 && e < E, "moe_experts: expert index ", e, " out of range [0, ", E, ")");
+    ++sorted.start[e + 1];
+  }
+  std::partial_sum(sorted.start.begin(), sorted.start.end(), sorted.start.begin());
+  std::vector<int64_t> fill(sorted.start.begin(), sorted.start.end() - 1);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t row = fill[expert_of[p]]++;
+    sorted.pair_at[row] = p;
+    sorted.row_of_pair[p] = row;
+    sorted.weight_at[row] = weight_of[p];
+  }
+  return sorted;
+}
+
+struct Item {
+  int64_t expert, begin, end;
+};
+
+// Each expert's rows in chunks of at most kChunkRows, largest first (for the threads to balance).
+std::vector<Item> plan_items(const std::vector<int64_t>& start) {
+  std::vector<Item> items;
+  for (size_t e = 0; e + 1 < start.size(); ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    // Equal chunks rather than full ones plus a remainder: fewer tiny GEMMs.
+    const int64_t pieces = (n + kChunkRows - 1) / kChunkRows;
+    for (int64_t c = 0; c < pieces; ++c)
+      items.push_back({static_cast<int64_t>(e), start[e] + n * c / pieces, start[e] + n * (c + 1) / pieces});
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.end - a.begin > b.end - b.begin; });
+  return items;
+}
+
+// What the threads share while they take work items: the inputs, the sorted pairs, the items, the
+// next item to hand out, and the [P, H] rows each item writes its block of.
+struct ExpertsJob {
+  const at::Tensor &hidden, &gate_up, &down, &rows_out;
+  const SortedPairs& pairs;
+  const std::vector<Item>& items;
+  std::atomic<int64_t>& next;
+  Shapes shape;
+  int64_t max_rows;
+
+  bool take(Item& item) const {
+    const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+    if (it >= static_cast<int64_t>(items.size())) return false;
+    item = items[it];
+    return true;
+  }
+};
+
+#ifdef MOEE_FAST_AVX2
+// One thread's share of the items: gather, gate/up GEMM, gated SiLU, down GEMM, on panels.
+void run_items(const ExpertsJob& job) {
+  const int64_t H = job.shape.H, I = job.shape.I, k = job.shape.k;
+  const float* hidden_ptr = job.hidden.data_ptr<float>();
+  const float* gate_up_ptr = job.gate_up.data_ptr<float>();
+  const float* down_ptr = job.down.data_ptr<float>();
+  float* rows_ptr = job.rows_out.data_ptr<float>();
+  // Thread-local panels: gathered activations, then [g | u], then the down projection.
+  const int64_t max_panels = (job.max_rows + kNR - 1) / kNR;
+  std::vector<float> x_panels(max_panels * H * kNR), gu_panels(max_panels * 2 * I * kNR), y_panels(max_panels * H * kNR);
+  std::vector<const float*> src(job.max_rows);
+  for (Item item; job.take(item);) {
+    const int64_t n = item.end - item.begin, panels = (n + kNR - 1) / kNR;
+    for (int64_t r = 0; r < n; ++r) src[r] = hidden_ptr + (job.pairs.pair_at[item.begin + r] / k) * H;
+    pack_panels(src.data(), n, H, x_panels.data());
+    gemm_panels(gate_up_ptr + item.expert * 2 * I * H, 2 * I, H, x_panels.data(), H * kNR, panels, gu_panels.data());
+    gated_silu_panels(gu_panels.data(), job.pairs.weight_at.data() + item.begin, n, I);
+    gemm_panels(down_ptr + item.expert * H * I, H, I, gu_panels.data(), 2 * I * kNR, panels, y_panels.data());
+    unpack_panels(y_panels.data(), H, n, rows_ptr + item.begin * H, H);
+  }
+}
+#else
+// One thread's share of the items through ATen's CPU matmul kernel, called directly (no
+// dispatcher, no autograd: this op has no backward).
+void run_items(const ExpertsJob& job) {
+  const int64_t H = job.shape.H, I = job.shape.I, k = job.shape.k;
+  const float* hidden_ptr = job.hidden.data_ptr<float>();
+  // Thread-local scratch: gathered rows, then [g | u].
+  at::Tensor x = at::empty({job.max_rows, H}, job.hidden.options());
+  at::Tensor gu = at::empty({job.max_rows, 2 * I}, job.hidden.options());
+  float* x_ptr = x.data_ptr<float>();
+  for (Item item; job.take(item);) {
+    const int64_t n = item.end - item.begin;
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(x_ptr + r * H, hidden_ptr + (job.pairs.pair_at[item.begin + r] / k) * H, H * sizeof(float));
+    at::Tensor gu_rows = gu.narrow(0, 0, n);
+    at::cpu::mm_out(gu_rows, x.narrow(0, 0, n), job.gate_up[item.expert].t());
+    gated_silu_rows(gu_rows.data_ptr<float>(), job.pairs.weight_at.data() + item.begin, n, I);
+    at::Tensor y = job.rows_out.narrow(0, item.begin, n);
+    at::cpu::mm_out(y, gu_rows.narrow(1, 0, I), job.down[item.expert].t());
+  }
+}
+#endif
+
+// out[t] = the sum of token t's k rows, in slot order. Called inside the parallel region: its
+// loop is shared among the threads already running.
+void sum_slots(const float* rows, const std::vector<int64_t>& row_of_pair, float* out, const Shapes& shape) {
+  const int64_t H = shape.H, k = shape.k;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < shape.T; ++t) {
+    float* dst = out + t * H;
+    std::memcpy(dst, rows + row_of_pair[t * k] * H, H * sizeof(float));
+    for (int64_t s = 1; s < k; ++s) {
+      const float* src = rows + row_of_pair[t * k + s] * H;
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) dst[h] += src[h];
+    }
+  }
+}
+
 at::Tensor& moe_experts_out(const at::Tensor& hidden_in, const at::Tensor& top_k_index_in,
                             const at::Tensor& top_k_weights_in, const at::Tensor& gate_up_in, const at::Tensor& down_in,
                             at::Tensor& out) {
-  TORCH_CHECK(hidden_in.device().is_cpu() && hidden_in.scalar_type() == at::kFloat && hidden_in.dim() == 2,
-              "moe_experts: hidden must be a float32 CPU [T, H] matrix");
-  TORCH_CHECK(gate_up_in.scalar_type() == at::kFloat && down_in.scalar_type() == at::kFloat && gate_up_in.dim() == 3 &&
-                  down_in.dim() == 3 && gate_up_in.device().is_cpu() && down_in.device().is_cpu(),
-              "moe_experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] must be float32 CPU tensors");
-  const int64_t T = hidden_in.size(0), H = hidden_in.size(1);
-  const int64_t E = gate_up_in.size(0), I = gate_up_in.size(1) / 2;
-  TORCH_CHECK(gate_up_in.size(1) == 2 * I && gate_up_in.size(2) == H, "moe_experts: gate_up_proj must be [E, 2I, H]");
-  TORCH_CHECK(down_in.size(0) == E && down_in.size(1) == H && down_in.size(2) == I, "moe_experts: down_proj must be [E, H, I]");
-  TORCH_CHECK(top_k_index_in.dim() == 2 && top_k_index_in.size(0) == T && top_k_weights_in.sizes() == top_k_index_in.sizes(),
-              "moe_experts: top_k_index and top_k_weights must both be [T, k]");
-  TORCH_CHECK(at::isIntegralType(top_k_index_in.scalar_type(), false) && at::isFloatingType(top_k_weights_in.scalar_type()),
-              "moe_experts: top_k_index must be integer and top_k_weights floating point");
-  const int64_t k = top_k_index_in.size(1);
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                  out.sizes() == hidden_in.sizes(),
-              "moe_experts: out must be a contiguous float32 CPU tensor shaped like hidden");
-  if (T == 0 || H == 0) return out;
-  if (k == 0 || I == 0) return out.zero_();
+  const Shapes shape = check_arguments(hidden_in, top_k_index_in, top_k_weights_in, gate_up_in, down_in, out);
+  if (shape.T == 0 || shape.H == 0) return out;
+  if (shape.k == 0 || shape.I == 0) return out.zero_();
 
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor gate_up = gate_up_in.contiguous();
   const at::Tensor down = down_in.contiguous();
   const at::Tensor index = top_k_index_in.to(at::kLong).contiguous();
   const at::Tensor weights = top_k_weights_in.to(at::kFloat).contiguous();
-  const int64_t P = T * k;
-  const int64_t* expert_of = index.data_ptr<int64_t>();
-  const float* weight_of = weights.data_ptr<float>();
-
-  // Counting sort of the pairs by expert (stable: pairs keep token order within an expert).
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t e = expert_of[p];
-    TORCH_CHECK(e >= 0 && e < E, "moe_experts: expert index ", e, " out of range [0, ", E, ")");
-    ++start[e + 1];
-  }
-  std::partial_sum(start.begin(), start.end(), start.begin());
-  std::vector<int64_t> pair_at(P), row_of_pair(P);
-  std::vector<float> weight_at(P);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t row = fill[expert_of[p]]++;
-      pair_at[row] = p;
-      row_of_pair[p] = row;
-      weight_at[row] = weight_of[p];
-    }
-  }
-
-  struct Item {
-    int64_t expert, begin, end;
-  };
-  std::vector<Item> items;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = start[e + 1] - start[e];
-    // Equal chunks rather than full ones plus a remainder: fewer tiny GEMMs.
-    const int64_t pieces = (n + kChunkRows - 1) / kChunkRows;
-    for (int64_t c = 0; c < pieces; ++c)
-      items.push_back({e, start[e] + n * c / pieces, start[e] + n * (c + 1) / pieces});
-  }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.end - a.begin > b.end - b.begin; });
+  const int64_t P = shape.T * shape.k;
+  const SortedPairs pairs = sort_pairs_by_expert(index.data_ptr<int64_t>(), weights.data_ptr<float>(), P, shape.E);
+  const std::vector<Item> items = plan_items(pairs.start);
 
   // Every row of `rows_out` belongs to exactly one expert's block, so no initialisation is needed.
-  at::Tensor rows_out = at::empty({P, H}, hidden.options());
-  float* rows_ptr = rows_out.data_ptr<float>();
-  const float* hidden_ptr = hidden.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
-  const float* gate_up_ptr = gate_up.data_ptr<float>();
-  const float* down_ptr = down.data_ptr<float>();
-  const int64_t max_rows = std::min(kChunkRows, P);
-  const int n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size())));
+  const at::Tensor rows_out = at::empty({P, shape.H}, hidden.options());
   std::atomic<int64_t> next{0};
-
+  const ExpertsJob job{hidden, gate_up, down, rows_out, pairs, items, next, shape, std::min(kChunkRows, P)};
+  const int n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size())));
   std::exception_ptr error;
   const at::ThreadLocalState caller_state;  // inference mode and friends, for the worker threads
 
@@ -178,56 +273,14 @@ at::Tensor& moe_experts_out(const at::Tensor& hidden_in, const at::Tensor& top_k
   {
     try {
       const at::ThreadLocalStateGuard state_guard(caller_state);
-#ifdef MOEE_FAST_AVX2
-      // Thread-local panels: gathered activations, then [g | u], then the down projection.
-      const int64_t max_panels = (max_rows + kNR - 1) / kNR;
-      std::vector<float> x_panels(max_panels * H * kNR), gu_panels(max_panels * 2 * I * kNR),
-          y_panels(max_panels * H * kNR);
-      std::vector<const float*> src(max_rows);
-      for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(items.size());) {
-        const Item item = items[it];
-        const int64_t n = item.end - item.begin, panels = (n + kNR - 1) / kNR;
-        for (int64_t r = 0; r < n; ++r) src[r] = hidden_ptr + (pair_at[item.begin + r] / k) * H;
-        pack_panels(src.data(), n, H, x_panels.data());
-        gemm_panels(gate_up_ptr + item.expert * 2 * I * H, 2 * I, H, x_panels.data(), H * kNR, panels, gu_panels.data());
-        gated_silu_panels(gu_panels.data(), weight_at.data() + item.begin, n, I);
-        gemm_panels(down_ptr + item.expert * H * I, H, I, gu_panels.data(), 2 * I * kNR, panels, y_panels.data());
-        unpack_panels(y_panels.data(), H, n, rows_ptr + item.begin * H, H);
-      }
-#else
-      // Thread-local scratch: gathered rows, then [g | u]. The GEMMs call the CPU kernel directly
-      // (no dispatcher, no autograd: this op has no backward).
-      at::Tensor x = at::empty({max_rows, H}, hidden.options());
-      at::Tensor gu = at::empty({max_rows, 2 * I}, hidden.options());
-      float* x_ptr = x.data_ptr<float>();
-      for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(items.size());) {
-        const Item item = items[it];
-        const int64_t n = item.end - item.begin;
-        for (int64_t r = 0; r < n; ++r)
-          std::memcpy(x_ptr + r * H, hidden_ptr + (pair_at[item.begin + r] / k) * H, H * sizeof(float));
-        at::Tensor gu_rows = gu.narrow(0, 0, n);
-        at::cpu::mm_out(gu_rows, x.narrow(0, 0, n), gate_up[item.expert].t());
-        gated_silu_rows(gu_rows.data_ptr<float>(), weight_at.data() + item.begin, n, I);
-        at::Tensor y = rows_out.narrow(0, item.begin, n);
-        at::cpu::mm_out(y, gu_rows.narrow(1, 0, I), down[item.expert].t());
-      }
-#endif
+      run_items(job);
     } catch (...) {  // an exception must not leave an OpenMP region: keep the first, stop handing out work
 #pragma omp critical(moe_experts_error)
       if (!error) error = std::current_exception();
       next.store(static_cast<int64_t>(items.size()));
     }
 #pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      float* dst = out_ptr + t * H;
-      std::memcpy(dst, rows_ptr + row_of_pair[t * k] * H, H * sizeof(float));
-      for (int64_t s = 1; s < k; ++s) {
-        const float* src = rows_ptr + row_of_pair[t * k + s] * H;
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) dst[h] += src[h];
-      }
-    }
+    sum_slots(rows_out.data_ptr<float>(), pairs.row_of_pair, out.data_ptr<float>(), shape);
   }
   if (error) std::rethrow_exception(error);
   return out;

@@ -1,9 +1,10 @@
 """MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token) out.
 
-One forward per batch through the base model (no LM head), with forward hooks that keep only
-what the embedding reads: each MoE router's row at the last tokens, reduced to fp32 scores as
-its layer runs, and the final norm applied to the last tokens alone. The last decoder layer's
-MLP/MoE block also runs on the last tokens alone: no later layer reads the other positions.
+One packed forward per batch through the base model (no LM head), with forward hooks on the
+routers that keep only what the embedding reads: each MoE router's row at the last tokens,
+reduced to fp32 scores as its layer runs. Everything that makes the forward fast (packed
+attention, fused ops, the last layer on the last tokens only) is moee_fast.fastpath, installed
+by the constructor; `enc.fast_path` says what it applied.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from . import experts, linears, loading, norms, ops, packing, rotary
+from . import fastpath, loading, ops
 from .adapters import Adapter, adapter_for
 from .batching import Batch, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
 from .checks import check_context, check_finite_rows, check_max_length, check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
+from .fastpath import attention, state
 from .prompts import resolve_prompt, tokenize
 
 # Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
@@ -33,39 +35,31 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 _SHARED_HF_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
 
-class _LastTokenTap:
-    """Forward hooks on the MoE routers: each keeps its layer's rows at the last tokens, as fp32
-    scores, so no all-token router tensor outlives its layer."""
+class _RouterTap:
+    """Forward hooks on the MoE routers: inside one of this encoder's forwards, each keeps its
+    layer's rows at the last tokens, as fp32 scores, in that forward's state, so no all-token
+    router tensor outlives its layer and concurrent forwards never share what they keep."""
 
-    def __init__(self, routers: list[nn.Module], logits_index: int, scoring: str):
-        self.logits_index, self.scoring = logits_index, scoring
-        self.rows: torch.Tensor | None = None
-        self.kept: list[torch.Tensor] = []
+    def __init__(self, routers: list[nn.Module], logits_index: int):
+        self.logits_index = logits_index
         self.handles = [router.register_forward_hook(self._hook) for router in routers]
 
     def _hook(self, module, args, output):
+        forward = state.current()
+        if forward is None or forward.owner is not self:  # not one of this encoder's forwards
+            return
         logits = output[self.logits_index] if isinstance(output, (tuple, list)) else output
-        batch = self.rows.shape[0]
-        # A trimmed last layer routes only the B last tokens; every other layer routes B*T rows.
-        rows = self.rows if logits.shape[0] != batch else torch.arange(batch, device=logits.device)
-        if self.scoring == "softmax":
-            self.kept.append(ops.gather_router_softmax([logits], rows, check_rows=False)[:, 0])
-        elif self.scoring == "sigmoid":
-            self.kept.append(torch.sigmoid(logits.index_select(0, rows).float()))
+        # A trimmed last layer routes only the B last tokens; every other layer routes N rows.
+        if logits.shape[0] == forward.batch_size:
+            rows = torch.arange(forward.batch_size, device=logits.device)
+        else:
+            rows = forward.last_on(logits.device)  # each router's own device under a device_map
+        if forward.scoring == "softmax":
+            forward.kept.append(ops.gather_router_softmax([logits], rows, check_rows=False)[:, 0])
+        elif forward.scoring == "sigmoid":
+            forward.kept.append(torch.sigmoid(logits.index_select(0, rows).float()))
         else:  # "logits": the raw router scores
-            self.kept.append(logits.index_select(0, rows).float())
-
-    @contextlib.contextmanager
-    def collect(self, rows: torch.Tensor):
-        self.rows, self.kept = rows, []
-        try:
-            yield self
-        finally:
-            self.rows = None
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+            forward.kept.append(logits.index_select(0, rows).float())
 
 
 class MoEEncoder:
@@ -74,33 +68,42 @@ class MoEEncoder:
     >>> enc = MoEEncoder.from_pretrained("allenai/OLMoE-1B-7B-0924")
     >>> out = enc.encode(["A sentence.", "Another one."], prompt='This sentence : "{text}" means in one word:"')
     >>> out.hs.shape, out.rw.shape  # [2, 2048], [2, 16, 64]
+
+    Thread safety: concurrent `encode` calls on one encoder are correct. Everything a call needs
+    lives in objects it creates (its batch plan, and one `fastpath.state.ForwardState` per forward,
+    which the hooks read through a context variable); the model is read-only in inference mode, so
+    its forwards need no lock (tests/test_concurrency.py checks 8 threads bitwise against one).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, adapter: Adapter, name: str = "", token_budget: int | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer, adapter: Adapter, name: str = "", token_budget: int | None = None,
+        fast_path: str | Iterable[str] = "all",
+    ):
         self.model = model.eval().requires_grad_(False)  # inference only, in every thread
-        # Texts run packed, without padding; attention keeps them apart (moee_fast/packing.py).
-        model.set_attn_implementation(packing.register())
-        norms.fuse_rms_norms(model)
-        linears.use_cpp_linears(model)
-        rotary.install(model)
+        # Packed texts, fused ops, last-token trim: see moee_fast/fastpath and `self.fast_path`.
+        self.fast_path = fastpath.install(model, fast_path)
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
-        self.device = next(model.parameters()).device
+        self.device = _input_device(model)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
         self.routers = adapter.routers(model)
-        self._warned_oom = False
-        self._tap = _LastTokenTap(self.routers, adapter.logits_position(model), adapter.scoring)
-        self._trim_hooks = self._install_last_token_trim()
+        self._tap = _RouterTap(self.routers, adapter.logits_position(model))
+        # The padded SDPA fallback costs B x longest: then batch plans count padded slots.
+        self._count_padding = "attention" in self.fast_path.parts and attention.runs_padded(model, self.device)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None, dtype=None, **hf_kwargs) -> MoEEncoder:
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, device=None, dtype=None, fast_path: str | Iterable[str] = "all", **hf_kwargs
+    ) -> MoEEncoder:
         """Load a Mixture-of-Experts checkpoint (local directory or Hub id) as an encoder.
 
-        device: None -> CUDA when available, else CPU. dtype: None -> bfloat16 on CUDA, float32 on
-        CPU. Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
-        quantization_config, ...). Attention always runs moee-fast's packed attention.
+        device: None -> CUDA when available, else CPU; weights load straight onto it. dtype: None
+        -> bfloat16 on CUDA, float32 on CPU. fast_path: "all", "none" or a set of parts of
+        moee_fast.fastpath.PARTS (for debugging and A/B runs; embeddings agree to fp32 rounding).
+        Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
+        quantization_config, experts_implementation (then the experts part is left off), ...).
         """
         from transformers import AutoModel
 
@@ -108,6 +111,9 @@ class MoEEncoder:
 
         name = os.path.expanduser(os.fspath(name_or_path))
         _check_location(name)
+        parts = fastpath.resolve_parts(fast_path)
+        if "experts_implementation" in hf_kwargs:  # the caller's choice of experts kernels stands
+            parts = tuple(part for part in parts if part != "experts")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
         if hf_kwargs.pop("attn_implementation", None) is not None:
@@ -124,17 +130,13 @@ class MoEEncoder:
 
         loading.check_weight_files(loading.checkpoint_directory(name, hf_kwargs.get("subfolder")), hf_kwargs.get("allow_pickle", False))
         with _quiet_transformers(), loading.naming_unreadable_weights(name, hf_kwargs):
-            if config.model_type in models.NATIVE_LOADERS:
+            if config.model_type in models.NATIVE_LOADERS:  # streams each tensor onto `device`
                 model = models.NATIVE_LOADERS[config.model_type](name, config=config, dtype=dtype, device=device, **hf_kwargs)
             else:
-                model = AutoModel.from_pretrained(name, dtype=dtype, **loading.transformers_kwargs(hf_kwargs))
-        if "device_map" not in hf_kwargs:
-            model = model.to(device)
-        if device.type == "cpu" and "experts_implementation" not in hf_kwargs:
-            # Measured on CPU: 1.4-1.7x transformers' default grouped_mm path (benchmarks/).
-            model.set_experts_implementation(experts.register())
+                kwargs = loading.transformers_kwargs(hf_kwargs)
+                model = AutoModel.from_pretrained(name, dtype=dtype, **_placement(device, kwargs), **kwargs)
         tokenizer = loading.load_tokenizer(name, **shared)
-        return cls(model, tokenizer, adapter, name=name)
+        return cls(model, tokenizer, adapter, name=name, fast_path=parts)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -176,9 +178,9 @@ class MoEEncoder:
         batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         max_length = check_max_length(max_length, self.context_length)
         check_rw_source(rw_source)
-        self._tap.scoring = self.adapter.scoring if rw_source == "scores" else "logits"
+        scoring = self.adapter.scoring if rw_source == "scores" else "logits"
         template = resolve_prompt(prompt)
-        metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": self._tap.scoring}
+        metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": scoring}
         if not texts:
             return MoEEmbeddings.empty(self.hidden_size, self.num_moe_layers, self.num_experts, metadata)
         ids, truncated = tokenize(self.tokenizer, texts, template, max_length)
@@ -191,15 +193,14 @@ class MoEEncoder:
                     "token to read; use a prompt template or drop the text"
                 )
         check_context([len(seq) for seq in ids], self.context_length)
-        batches = plan_batches([len(seq) for seq in ids], self.token_budget, batch_size)
         hs = torch.empty(len(texts), self.hidden_size, dtype=torch.float32)
         rw = torch.empty(len(texts), self.num_moe_layers, self.num_experts, dtype=torch.float32)
         show = show_progress_bar if show_progress_bar is not None else (len(texts) >= 1000 and _stderr_is_tty())
         from tqdm.auto import tqdm
 
         with tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
-            for batch in batches:
-                batch_hs, batch_rw = (x.cpu() for x in self._run(ids, batch))
+            for batch, (batch_hs, batch_rw) in self._run_batches(ids, batch_size, scoring):
+                batch_hs, batch_rw = batch_hs.cpu(), batch_rw.cpu()
                 check_finite_rows(batch_hs, batch_rw, batch.indices)
                 index = torch.tensor(batch.indices)
                 hs[index], rw[index] = batch_hs, batch_rw
@@ -208,55 +209,57 @@ class MoEEncoder:
         return MoEEmbeddings(hs, rw, metadata)
 
     # ----------------------------------------------------------------------------------------
-    def _run(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch, split in halves and retried if CUDA runs out of memory."""
+    def _run_batches(self, ids: list[list[int]], batch_size: int | None, scoring: str):
+        """Yield (batch, (hs, rw)) for every batch of this call. After an out-of-memory error the
+        texts not yet run are re-planned at half the failed batch's cost, for this call only."""
+        lengths, budget, warned = [len(seq) for seq in ids], self.token_budget, False
+        todo = self._plan(lengths, range(len(ids)), budget, batch_size)
+        while todo:
+            batch = todo.pop(0)
+            result = self._try_forward(ids, batch, scoring)
+            if result is not None:
+                yield batch, result
+                continue
+            failed, budget = batch.cost(self._count_padding), max(1, batch.cost(self._count_padding) // 2)
+            if not warned:
+                warnings.warn(
+                    f"out of memory at {failed} tokens: the rest of this call runs batches of at most "
+                    f"{budget} tokens (token_budget stays {self.token_budget})", stacklevel=4,
+                )
+                warned = True
+            todo = self._plan(lengths, batch.indices + [i for b in todo for i in b.indices], budget, batch_size)
+
+    def _plan(self, lengths: list[int], indices: Iterable[int], budget: int, batch_size: int | None) -> list[Batch]:
+        """Batches of the texts at `indices` (positions in `lengths`), within `budget`."""
+        indices = list(indices)
+        plan = plan_batches([lengths[i] for i in indices], budget, batch_size, count_padding=self._count_padding)
+        return [Batch([indices[j] for j in b.indices], b.tokens, b.slots) for b in plan]
+
+    def _try_forward(self, ids: list[list[int]], batch: Batch, scoring: str):
+        """The batch's (hs, rw), or None if it ran out of memory and can be split."""
+        if len(batch.indices) == 1:  # nothing smaller to retry: the error goes to the caller
+            return self._forward([ids[i] for i in batch.indices], scoring)
         try:
-            return self._forward(*self._collate(ids, batch.indices))
+            return self._forward([ids[i] for i in batch.indices], scoring)
         except torch.OutOfMemoryError:
-            if len(batch.indices) == 1:
-                raise
-        # Retried here, outside the handler: its traceback pins the failed forward's activations.
+            pass
+        # Freed here, outside the handler: its traceback pins the failed forward's activations.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if not self._warned_oom:
-            warnings.warn(f"out of memory at {batch.tokens} tokens: splitting batches", stacklevel=3)
-            self._warned_oom = True
-        self.token_budget = max(1, batch.tokens // 2)
-        halves = batch.indices[: len(batch.indices) // 2], batch.indices[len(batch.indices) // 2 :]
-        parts = [self._run(ids, Batch(half, sum(len(ids[i]) for i in half))) for half in halves]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    def _collate(self, ids: list[list[int]], indices: list[int]):
-        """The batch's texts packed end to end: input ids, position ids, and their Packing."""
-        return packing.pack([ids[i] for i in indices], self.device, pin=self.device.type == "cuda")
+        return None
 
     @torch.inference_mode()
-    def _forward(self, input_ids, position_ids, layout: packing.Packing):
-        self._last, self._tokens = layout.last, input_ids.shape[1]
-        with self._tap.collect(layout.last) as tap, rotary.fused():
+    def _forward(self, seqs: list[list[int]], scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed forward: each text's HS [B, H] and its routers' rows [B, L, E], fp32."""
+        input_ids, position_ids, layout = attention.pack(seqs, self.device, pin=self.device.type == "cuda")
+        forward = state.ForwardState(layout.last, input_ids.shape[1], scoring, owner=self._tap)
+        with state.running(forward):
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
-            kept = tap.kept
-        hs = out.last_hidden_state[0].float()  # the norm already ran on the last tokens only
-        return hs, torch.stack(kept, dim=1)
-
-    def _install_last_token_trim(self):
-        """Hooks that run the last layer's MLP and the final norm on the last tokens only.
-
-        The last layer's MLP output is scattered back to the packed rows (zeros elsewhere) for
-        the residual add; positions other than the last then hold values nothing reads.
-        """
-        take_last = lambda module, args: (args[0].index_select(1, self._last), *args[1:])  # noqa: E731
-        handles = [self.model.norm.register_forward_pre_hook(take_last)]
-        last_mlp = getattr(self.model.layers[-1], "mlp", None)
-        if last_mlp is not None:
-            handles.append(last_mlp.register_forward_pre_hook(take_last))
-            handles.append(last_mlp.register_forward_hook(self._scatter_last))
-        return handles
-
-    def _scatter_last(self, module, args, output):
-        rows = output[0] if isinstance(output, tuple) else output  # [1, B, H]
-        full = rows.new_zeros(1, self._tokens, rows.shape[-1]).index_copy_(1, self._last, rows)
-        return (full, *output[1:]) if isinstance(output, tuple) else full
+        hs = out.last_hidden_state[0]
+        if hs.shape[0] != layout.batch_size:  # the final norm ran on every token (no "trim" part)
+            hs = hs.index_select(0, forward.last_on(hs.device))
+        kept = forward.kept
+        return hs.float(), torch.stack([rows.to(kept[0].device) for rows in kept], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +281,23 @@ def _check_location(name: str) -> None:
     hub_like = len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and os.sep == "/"
     if not hub_like or os.path.exists(name):
         raise FileNotFoundError(f"no checkpoint directory at {name!r}")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where a batch's inputs go: the execution device of a model accelerate offloads (its
+    weights wait on the meta device), else its first parameter's device that holds data."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+def _placement(device: torch.device, hf_kwargs: dict) -> dict:
+    """Load straight onto an accelerator (no pass through host memory) unless the caller placed
+    the model with a device_map; CPU is where transformers loads anyway."""
+    if device.type == "cpu" or "device_map" in hf_kwargs:
+        return {}
+    return {"device_map": {"": device}}
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from moee_fast import MoEEncoder, ops, supported_families
+from moee_fast.fastpath import PARTS
 from conftest import random_texts, relative_error
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2"]
@@ -105,12 +106,10 @@ def test_only_the_needed_tensors(checkpoint, monkeypatch):
 
 
 def test_last_layer_trim_changes_nothing(checkpoint):
-    enc = MoEEncoder.from_pretrained(checkpoint("qwen2_moe"), device="cpu")
+    path = checkpoint("qwen2_moe")
     texts = random_texts(9, seed=5)
-    trimmed = enc.encode(texts)
-    for handle in enc._trim_hooks[1:]:  # keep the norm's gather, drop the MLP trim
-        handle.remove()
-    full = enc.encode(texts)
+    trimmed = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    full = MoEEncoder.from_pretrained(path, device="cpu", fast_path=set(PARTS) - {"trim"}).encode(texts)
     assert relative_error(trimmed.hs, full.hs).max() <= 1e-6
     assert relative_error(trimmed.rw, full.rw).max() <= 1e-6
 
@@ -173,3 +172,11 @@ def test_dense_checkpoint_is_refused_naming_the_families(tmp_path, tokenizer_cor
         MoEEncoder.from_pretrained(str(tmp_path))
     for family in supported_families():
         assert family in str(info.value)
+
+
+def test_weights_load_straight_onto_an_accelerator_unless_the_caller_placed_them():
+    from moee_fast.encoder import _placement
+
+    assert _placement(torch.device("cuda:1"), {}) == {"device_map": {"": torch.device("cuda:1")}}
+    assert _placement(torch.device("cuda"), {"device_map": "auto"}) == {}  # the caller's map stands
+    assert _placement(torch.device("cpu"), {}) == {}  # transformers loads on CPU anyway

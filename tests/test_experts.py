@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from moee_fast import MoEEncoder, experts, ops
+from moee_fast import MoEEncoder, ops
+from moee_fast.fastpath import experts
 from conftest import random_texts, relative_error
 
 needs_cpp = pytest.mark.skipif("cpp" not in ops.available_backends(), reason="C++ extension not built")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from moee_fast import MoEEncoder, linears
+from moee_fast import MoEEncoder
+from moee_fast.fastpath import linears
 from conftest import relative_error
 
 pytestmark = pytest.mark.skipif(not linears.available(), reason="C++ linear not built (needs an AVX2 build)")
@@ -37,7 +38,7 @@ def test_a_row_does_not_depend_on_its_neighbours():
 
 def test_switched_modules_and_fallbacks():
     model = nn.Sequential(nn.Linear(8, 4), nn.Bilinear(3, 3, 2), nn.Linear(4, 4, bias=False))
-    assert linears.use_cpp_linears(model) == 2 and "forward" not in vars(model[1])
+    assert len(linears.install(model).applied) == 2 and "forward" not in vars(model[1])
     x = torch.randn(5, 8)
     torch.testing.assert_close(model[0](x), nn.functional.linear(x, model[0].weight, model[0].bias), rtol=1e-6, atol=1e-6)
     bf = model[0].to(torch.bfloat16)  # other dtypes, and anything needing gradients, run F.linear

@@ -5,8 +5,8 @@ import torch
 from torch.nn import functional as F
 
 from moee_fast import MoEEncoder
-from moee_fast import packing
-from moee_fast.packing import pack, packed_attention
+from moee_fast.fastpath import attention as packing
+from moee_fast.fastpath.attention import pack, packed_attention
 from conftest import random_texts, relative_error, save_checkpoint
 from test_encoder import reference_embeddings
 
@@ -24,30 +24,58 @@ class _Attention(torch.nn.Module):
     pass
 
 
-@pytest.mark.parametrize("kernel", ["cpp", "sdpa"])
-@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
-def test_packed_attention_matches_float64_per_text(kv_heads, window, kernel, monkeypatch):
-    if kernel == "sdpa":  # the padded SDPA path that non-fp32 and GPU tensors take
-        monkeypatch.setattr(packing, "_use_cpp", lambda *args: False)
-    g = torch.Generator().manual_seed(kv_heads)
-    lengths = [1, 17, 5, 31, 2]
-    _, _, p = pack([[0] * n for n in lengths], torch.device("cpu"))
-    n, heads, dim = sum(lengths), 4, 24
-    q = torch.randn(1, heads, n, dim, generator=g)
-    k, v = (torch.randn(1, kv_heads, n, dim, generator=g) for _ in range(2))
-    out, weights = packed_attention(_Attention(), q, k, v, None, scaling=0.3, sliding_window=window, moee_packing=p)
-    assert weights is None and out.shape == (1, n, heads, dim)
-    start = 0
+def _float64_per_text(q, k, v, lengths, scale, window):
+    """Each text alone, causal within `window`, in float64: [N, heads, D]."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    rows, start = [], 0
     for length in lengths:
         sl = slice(start, start + length)
         qi, ki, vi = (x[0, :, sl].double() for x in (q, k, v))
         ki, vi = (x.repeat_interleave(heads // kv_heads, dim=0) for x in (ki, vi))
-        i = torch.arange(length)
+        i = torch.arange(length, device=q.device)
         allowed = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :]) < (window or length))
-        scores = (qi @ ki.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
-        expected = (scores.softmax(-1) @ vi).transpose(0, 1)  # [length, heads, dim]
-        torch.testing.assert_close(out[0, sl].double(), expected, rtol=1e-5, atol=1e-6)
+        scores = (qi @ ki.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        rows.append((scores.softmax(-1) @ vi).transpose(0, 1))  # [length, heads, dim]
         start += length
+    return torch.cat(rows)
+
+
+def _qkv(lengths, heads, kv_heads, dim, seed, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    q = torch.randn(1, heads, n, dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, n, dim, generator=g) for _ in range(2))
+    return (x.to(device, dtype) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("kernel", ["cpp", "sdpa", "padded_attention"])
+@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
+def test_packed_attention_matches_float64_per_text(kv_heads, window, kernel, monkeypatch):
+    if kernel == "sdpa":  # the padded SDPA path that non-fp32 and GPU tensors take
+        monkeypatch.setattr(packing, "_use_cpp", lambda *args: False)
+    lengths, heads, dim = [1, 17, 5, 31, 2], 4, 24
+    _, _, p = pack([[0] * n for n in lengths], torch.device("cpu"))
+    q, k, v = _qkv(lengths, heads, kv_heads, dim, seed=kv_heads)
+    if kernel == "padded_attention":  # the public function, as the GPU check calls it
+        out = packing.padded_attention(q, k, v, p, 0.3, window)
+    else:
+        out, weights = packed_attention(_Attention(), q, k, v, None, scaling=0.3, sliding_window=window, moee_packing=p)
+        assert weights is None
+    assert out.shape == (1, sum(lengths), heads, dim)
+    torch.testing.assert_close(out[0].double(), _float64_per_text(q, k, v, lengths, 0.3, window), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not packing.varlen_available(), reason="needs CUDA and torch.nn.attention.varlen")
+@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
+def test_varlen_attention_matches_float64_per_text_on_cuda(kv_heads, window):
+    lengths, heads, dim = [1, 17, 5, 31, 2], 4, 64
+    _, _, p = pack([[0] * n for n in lengths], torch.device("cuda"))
+    q, k, v = _qkv(lengths, heads, kv_heads, dim, seed=kv_heads, device="cuda", dtype=torch.bfloat16)
+    assert packing.varlen_applies(q, v)
+    out = packing.varlen_attention(q, k, v, p, 0.3, window)
+    expected = _float64_per_text(q, k, v, lengths, 0.3, window)
+    assert out.shape == (1, sum(lengths), heads, dim) and not out.isnan().any()
+    torch.testing.assert_close(out[0].double(), expected, rtol=2e-2, atol=2e-2)  # bf16 rounding
 
 
 def test_model_called_without_packing_says_how_to_use_it(checkpoint):
@@ -92,3 +120,22 @@ def test_bfloat16_runs_the_torch_paths_and_matches_fp32(checkpoint, family):
     assert out.hs.dtype == torch.float32 and not out.hs.isnan().any()
     assert relative_error(out.hs, ref_hs).max() <= 2e-2  # measured ~8e-3 (OLMoE)
     assert relative_error(out.rw, ref_rw).max() <= 2e-2
+
+
+def test_where_attention_pads_the_encoder_counts_padded_slots(checkpoint):
+    """bf16 on CPU takes the padded SDPA fallback: each forward's B x longest stays within the
+    budget (fp32 CPU runs the C++ packed attention, whose cost is its real tokens)."""
+    path = checkpoint("olmoe")
+    assert not MoEEncoder.from_pretrained(path, device="cpu")._count_padding
+    enc = MoEEncoder.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
+    assert enc._count_padding
+    enc.token_budget = 300
+    shapes = []
+    enc.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append((kwargs["moee_packing"].batch_size, kwargs["moee_packing"].max_len)),
+        with_kwargs=True,
+    )
+    texts = random_texts(30, seed=17, max_words=120)
+    out = enc.encode(texts)
+    assert sum(b for b, _ in shapes) == len(texts) and not out.hs.isnan().any()
+    assert all(b * longest <= 300 or b == 1 for b, longest in shapes)

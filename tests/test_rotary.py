@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from moee_fast import MoEEncoder, rotary
+from moee_fast import MoEEncoder
+from moee_fast.fastpath import rotary, state
 
 pytestmark = pytest.mark.skipif(not rotary.available(), reason="C++ extension not built")
 
@@ -74,7 +75,7 @@ def _interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J style pairs: another
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
-def test_install_wraps_only_what_the_op_reproduces_and_only_inside_fused():
+def test_install_wraps_only_what_the_op_reproduces_and_only_inside_encoder_forwards():
     calls = []
     half_rotation = _families_functions()[0]
 
@@ -88,20 +89,26 @@ def test_install_wraps_only_what_the_op_reproduces_and_only_inside_fused():
     model.a = type("SameAttention", (torch.nn.Module,), {"__module__": same.__name__})()
     model.b = type("OtherAttention", (torch.nn.Module,), {"__module__": other.__name__})()
     try:
-        assert rotary.install(model) == 1
-        assert rotary.install(model) == 1  # idempotent: not wrapped twice
+        first = rotary.install(model)
+        second = rotary.install(model)
+        assert len(first.applied) == len(second.applied) == 1
+        assert same.apply_rotary_pos_emb.moee_fast_original is counted  # not wrapped twice
         assert same.apply_rotary_pos_emb.moee_fast_original is counted
         assert other.apply_rotary_pos_emb is _interleaved
         q, k, cos, sin = _inputs(2, 3, 1, 6, 8, 1, seed=3)
         calls.clear()
         outside = same.apply_rotary_pos_emb(q, k, cos, sin)
-        assert len(calls) == 1  # outside fused(): the original runs
-        with rotary.fused():
+        assert len(calls) == 1  # outside an encoder forward: the original runs
+        with state.running(state.ForwardState(torch.zeros(1, dtype=torch.long), 1)):
             inside = same.apply_rotary_pos_emb(q, k, cos, sin)
             same.apply_rotary_pos_emb(q.double(), k.double(), cos.double(), sin.double())
             same.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         assert len(calls) == 2  # only the fp64 call fell back
         assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+        for report in (second, first):
+            for undo in reversed(report.undo):
+                undo()
+        assert same.apply_rotary_pos_emb is counted  # the last release restores the original
     finally:
         del sys.modules[same.__name__], sys.modules[other.__name__]
 

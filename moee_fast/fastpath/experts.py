@@ -15,7 +15,10 @@ the readable reference of the same computation.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+
+from .patching import PartReport, hold, unpatchable_reason
 
 NAME = "moee_sorted"
 
@@ -31,7 +34,7 @@ _SILU = ("silu", "swish")
 def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
     from transformers.integrations.moe import _default_apply_gate
 
-    from .extension import cpp_applies
+    from ..extension import cpp_applies
 
     return (
         cpp_applies(hidden_states, self.gate_up_proj, self.down_proj)  # training takes the Python path
@@ -71,8 +74,33 @@ def sorted_experts_python(self, hidden_states: torch.Tensor, top_k_index: torch.
     return final
 
 
-def register() -> str:
+def install(model: nn.Module) -> PartReport:
+    """Run every experts module through `sorted_experts_forward` (registered as "moee_sorted"), on
+    CPU only: on CUDA transformers' own grouped kernels run the experts. The implementation is
+    chosen per model, so one unpatchable experts module keeps the whole model on its own."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    ALL_EXPERTS_FUNCTIONS.register(NAME, sorted_experts_forward)
-    return NAME
+    report = PartReport("experts", f"{NAME} (C++ moe_experts on fp32 CPU, per-expert torch loop otherwise)")
+    found = [(name, m) for name, m in model.named_modules() if _is_experts(m)]
+    for name, module in found:
+        reason = unpatchable_reason(module, ("gate_up_proj", "down_proj"))
+        if reason is None and module.gate_up_proj.device.type != "cpu":
+            reason = f"weights on {module.gate_up_proj.device.type}: transformers' experts kernels run there"
+        if reason is not None:
+            report.skip(reason, name)
+    if not found:
+        report.skip("no stacked experts modules (gate_up_proj, down_proj)")
+    if report.skipped or not hasattr(model, "set_experts_implementation"):
+        return report
+    before = model.config._experts_implementation
+    report.undo.append(hold(type(ALL_EXPERTS_FUNCTIONS)._global_mapping, NAME, sorted_experts_forward))
+    model.set_experts_implementation(NAME)
+    report.undo.append(lambda: model.set_experts_implementation(before))
+    report.applied.extend(name for name, _ in found)
+    return report
+
+
+def _is_experts(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) and isinstance(
+        getattr(module, "down_proj", None), torch.Tensor
+    )
