@@ -56,9 +56,7 @@ def cmd_encode(args) -> int:
     model = args.model or demo_checkpoint()
     print(f"model: {args.model or DEMO_LABEL}", file=sys.stderr)
     if args.engine == "ray":
-        from .ray import encode_corpus_on_ray
-
-        return _report_job(*encode_corpus_on_ray(model, args))
+        return _encode_on_ray(model, args)
     if not args.output.lower().endswith(".safetensors"):
         return _encode_to_directory(model, args)
     return _encode_to_file(model, args.model or DEMO_LABEL, args)
@@ -112,6 +110,19 @@ def _encode_to_directory(model: str, args) -> int:
         skip_empty=args.skip_empty,
     )
     return _report_job(run_corpus_job(job, model, devices, progress=True), job.output_dir, job.done_rows())
+
+
+def _encode_on_ray(model: str, args) -> int:
+    try:
+        from .ray import encode_corpus_ray
+    except ImportError as exc:
+        raise ValueError(f"--engine ray needs Ray Data: pip install moee-fast[ray] ({exc})") from None
+    stats = encode_corpus_ray(
+        model, args.input, args.output, prompt=args.prompt, shard_size=args.shard_size, text_field=args.text_field,
+        id_field=args.id_field, overwrite=args.overwrite, batch_size=args.batch_size, max_length=args.max_length,
+        rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address,
+    )
+    return _report_job(stats, args.output, stats["rows"])
 
 
 def _report_job(stats: dict, output: str, rows: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,8 @@ from .store import SHARD_FORMATS, shard_name, write_shard
 DEFAULT_SHARD_SIZE = 10_000
 MANIFEST = "manifest.json"
 FORMAT = "moee-fast-corpus/1"
-_OURS = re.compile(r"^(manifest\.json|part-\d{5}\.(safetensors|parquet)|\.(manifest\.json|part-\d{5}\.\w+)\..*\.tmp)$")
+# What a job writes into its directory (the Ray engine: data/ and checkpoint/ folders).
+_OURS = re.compile(r"^(manifest\.json|part-\d{5}\.(safetensors|parquet)|\.(manifest\.json|part-\d{5}\.\w+)\..*\.tmp|data|checkpoint)$")
 
 
 class CorpusInterrupted(KeyboardInterrupt):
@@ -97,7 +99,7 @@ class CorpusJob:
 
     def __init__(self, model, inputs, output_dir, *, dtype: str, prompt=None, shard_size=DEFAULT_SHARD_SIZE,
                  text_field="text", id_field=None, overwrite=False, format="safetensors", batch_size=None,
-                 max_length=None, rw_source="scores", skip_empty=False):
+                 max_length=None, rw_source="scores", skip_empty=False, engine="local"):
         if format not in SHARD_FORMATS:
             raise ValueError(f"format must be one of {', '.join(SHARD_FORMATS)}, got {format!r}")
         if prompt is not None and not isinstance(prompt, str):
@@ -116,7 +118,8 @@ class CorpusJob:
             "format": FORMAT, "model": name, "config_sha256": config_hash, "dtype": str(dtype),
             "prompt": "" if prompt is None else prompt, "rw_source": rw_source,
             "options": {"shard_size": check_positive_int("shard_size", shard_size), "text_field": text_field,
-                        "id_field": id_field, "max_length": max_length, "skip_empty": bool(skip_empty), "format": format},
+                        "id_field": id_field, "max_length": max_length, "skip_empty": bool(skip_empty), "format": format,
+                        "engine": engine},
             "inputs": [readers.fingerprint(p) for p in self.paths],
         }
         self.manifest = self._check_output(overwrite)
@@ -142,7 +145,8 @@ class CorpusJob:
             raise ValueError(f"{out}: holds {foreign[0]!r}, which no corpus job wrote; use an empty or new directory")
         if overwrite:
             for n in names:
-                os.unlink(os.path.join(out, n))
+                path = os.path.join(out, n)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
             return self._fresh_manifest()
         for n in names:  # left by a job killed while writing
             if n.endswith(".tmp"):

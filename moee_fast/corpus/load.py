@@ -33,6 +33,8 @@ class Corpus:
             )
         self.shape = tuple(self.manifest.get("shape") or (0, 0, 0))
         self._shards = [read_shard(os.path.join(self.directory, e["file"]), self.shape) for e in self.manifest["shards"]]
+        if self.manifest.get("sort_by_row"):
+            self._shards = [_in_input_order(self.directory, self.manifest["shards"], self._shards)]
         self.ids = [row_id for shard in self._shards for row_id in shard[0]]
         self._joined: dict[str, torch.Tensor] = {}
 
@@ -72,6 +74,17 @@ class Corpus:
 
     def to_embeddings(self) -> MoEEmbeddings:
         return MoEEmbeddings(self.hs, self.rw, self.metadata)
+
+
+def _in_input_order(directory: str, entries: list[dict], shards: list) -> tuple:
+    """Rows joined and sorted by their input position (a resumed Ray job writes them out of order)."""
+    import pyarrow.parquet as pq
+
+    keys = np.concatenate([pq.read_table(os.path.join(directory, e["file"]), columns=["row"]).column("row").to_numpy() for e in entries])
+    order = np.argsort(keys, kind="stable")
+    ids = [row_id for shard in shards for row_id in shard[0]]
+    hs, rw = (np.concatenate([shard[i] for shard in shards])[order] for i in (1, 2))
+    return [ids[i] for i in order], hs, rw
 
 
 def load_corpus(directory: str | os.PathLike, allow_incomplete: bool = False) -> Corpus:

@@ -50,14 +50,20 @@ def _write_parquet(path: str, ids: list[str], hs: torch.Tensor, rw: torch.Tensor
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    pq.write_table(embedding_table(pa.table({"id": pa.array(ids, pa.string())}), hs, rw), path)
+
+
+def embedding_table(table, hs: torch.Tensor, rw: torch.Tensor):
+    """`table` (pyarrow) with hs and rw appended as fixed-size lists of float32 (rw flattened
+    to L*E values, its [L, E] in the schema metadata)."""
+    import pyarrow as pa
+
     def fixed_lists(x: torch.Tensor) -> pa.Array:
         flat = x.reshape(x.shape[0], -1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat.numpy().reshape(-1), pa.float32()), flat.shape[1])
 
-    table = pa.table({"id": pa.array(ids, pa.string()), "hs": fixed_lists(hs), "rw": fixed_lists(rw)})
-    layers, experts = rw.shape[1], rw.shape[2]
-    table = table.replace_schema_metadata({"moee_rw_shape": json.dumps([layers, experts])})
-    pq.write_table(table, path)
+    table = table.append_column("hs", fixed_lists(hs)).append_column("rw", fixed_lists(rw))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"moee_rw_shape": json.dumps(list(rw.shape[1:])).encode()})
 
 
 def _read_parquet(path: str, shape: tuple[int, int, int]):
