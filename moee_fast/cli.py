@@ -127,9 +127,9 @@ def _encode_on_ray(model: str, args) -> int:
 
 def _report_job(stats: dict, output: str, rows: int) -> int:
     seconds = max(stats["seconds"], 1e-9)
+    tokens = f", {stats['tokens'] / seconds:.0f} tokens/s" if stats["tokens"] else ""  # Ray does not count them
     print(
-        f"encoded {stats['rows']} rows ({stats['tokens']} tokens) in {seconds:.2f} s: "
-        f"{stats['rows'] / seconds:.1f} texts/s, {stats['tokens'] / seconds:.0f} tokens/s\n"
+        f"encoded {stats['rows']} rows in {seconds:.2f} s: {stats['rows'] / seconds:.1f} texts/s{tokens}\n"
         f"wrote {rows} rows to {output} (load_corpus reads them back)"
     )
     return 0

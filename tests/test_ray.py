@@ -48,3 +48,17 @@ def test_batch_encoder_adds_columns(checkpoint, local_ray):
     by_id = {row["id"]: row for row in rows}
     hs = torch.tensor([list(by_id[str(i)]["hs"]) for i in range(9)])
     assert torch.allclose(hs, direct.hs, rtol=1e-5, atol=1e-6)
+
+
+def test_command_line_engine_ray(tmp_path, checkpoint, local_ray, capsys):
+    from moee_fast.cli import main
+
+    olmoe = checkpoint("olmoe")
+    paths = write_inputs(tmp_path, random_texts(6, seed=6, max_words=20))
+    base = ["encode", "--model", olmoe, "--input", *paths, "--shard-size", "4"]
+    assert main(base + ["--output", str(tmp_path / "local")]) == 0
+    assert main(base + ["--output", str(tmp_path / "ray"), "--engine", "ray"]) == 0
+    assert "wrote 6 rows" in capsys.readouterr().out
+    local, on_ray = load_corpus(tmp_path / "local"), load_corpus(tmp_path / "ray")
+    assert on_ray.ids == local.ids and torch.allclose(on_ray.hs, local.hs, rtol=1e-5, atol=1e-6)
+    assert main(base + ["--output", str(tmp_path / "ray2"), "--engine", "ray", "--input", "-"]) == 1
