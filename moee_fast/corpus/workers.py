@@ -85,20 +85,24 @@ class WorkerPool:
         self.stopping = False
 
     def submit(self, shard: Shard):
+        yield from self._put(shard)
+        self.pending += 1
+
+    def finish(self):
+        self.stopping = True  # from here a worker may exit, having taken its stop sentinel
+        for _ in self.workers:
+            yield from self._put(None)
+        yield from self._ready(block=True)
+
+    def _put(self, task):
+        """Queue a task, collecting finished shards (and noticing dead workers) while it is full."""
         while True:
             yield from self._ready(block=False)
             try:
-                self.tasks.put(shard, timeout=0.2)
-                self.pending += 1
+                self.tasks.put(task, timeout=0.2)
                 return
             except queue.Full:
-                continue
-
-    def finish(self):
-        self.stopping = True
-        for _ in self.workers:
-            self.tasks.put(None)
-        yield from self._ready(block=True)
+                self._check_alive()
 
     def _ready(self, block: bool):
         while self.pending:
