@@ -1,6 +1,7 @@
 """moee-fast: Mixture-of-Experts LLMs as embedding models, no finetuning (MoEE: HS + RW)."""
 
 from .adapters import supported_families
+from .corpus import encode_corpus, load_corpus
 from .embeddings import VARIANTS, MoEEmbeddings, Standardizer
 from .encoder import MoEEncoder
 from .prompts import PRESETS, build_prompt
@@ -14,6 +15,8 @@ __all__ = [
     "Standardizer",
     "VARIANTS",
     "build_prompt",
+    "encode_corpus",
+    "load_corpus",
     "search",
     "similarity",
     "similarity_pairwise",

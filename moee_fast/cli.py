@@ -14,63 +14,123 @@ from .prompts import PRESETS
 PRESET_NAMES = ", ".join(PRESETS)
 
 
-def _read_texts(path: str | None) -> list[str]:
-    """Texts from a .txt file (one per line), a .jsonl file (a "text" field), or stdin ("-")."""
-    if path is None:
-        from .demo import SAMPLE_TEXTS
+class UsageError(ValueError):
+    """A bad command line: reported in one line, exit status 2."""
 
-        return list(SAMPLE_TEXTS)
-    if path == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not os.path.isfile(path):
-        raise SystemExit(f"moee: no input file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            texts = []
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SystemExit(f"moee: {path}:{n}: not valid JSON ({exc.msg})")
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise SystemExit(f'moee: {path}:{n}: needs a string "text" field')
-                texts.append(record["text"])
-            return texts
-        return [line.rstrip("\n") for line in f if line.strip()]
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _sample_rows():
+    from .corpus.readers import Row
+    from .demo import SAMPLE_TEXTS
+
+    return [Row(f"samples[{i}]", text, f"samples[{i}]") for i, text in enumerate(SAMPLE_TEXTS)]
+
+
+def _check_encode_args(args) -> None:
+    """Every check that needs no model, so a bad command fails in well under a second."""
+    from .prompts import resolve_prompt
+    from .encoder import _resolve_dtype
+
+    try:
+        resolve_prompt(args.prompt)
+        if args.dtype is not None:
+            _resolve_dtype(args.dtype, None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"moee encode: {exc}") from None
+    single_file = args.output.lower().endswith(".safetensors")
+    if single_file and (args.format != "safetensors" or args.devices or args.engine != "local"):
+        raise UsageError("moee encode: --format parquet, --devices and --engine ray write a directory; "
+                         "give --output a directory, not a .safetensors file")
+    if args.engine == "ray" and args.devices:
+        raise UsageError("moee encode: --engine ray places work through Ray; leave out --devices")
 
 
 def cmd_encode(args) -> int:
-    from . import MoEEncoder
     from .demo import DEMO_LABEL, demo_checkpoint
 
+    _check_encode_args(args)
     model = args.model or demo_checkpoint()
-    label = args.model or DEMO_LABEL
-    texts = _read_texts(args.input)
-    if not texts:
-        raise SystemExit("moee: no texts to encode")
-    print(f"model: {label}", file=sys.stderr)
+    print(f"model: {args.model or DEMO_LABEL}", file=sys.stderr)
+    if args.engine == "ray":
+        return _encode_on_ray(model, args)
+    if not args.output.lower().endswith(".safetensors"):
+        return _encode_to_directory(model, args)
+    return _encode_to_file(model, args.model or DEMO_LABEL, args)
+
+
+def _encode_to_file(model: str, label: str, args) -> int:
+    from . import MoEEncoder
+    from .corpus.job import name_rows
+    from .corpus.readers import expand_inputs, read_rows
+    from .files import check_output_file
+
+    paths = expand_inputs(args.input) if args.input else []
+    check_output_file(args.output, args.overwrite, paths)
+    rows = list(read_rows(paths, args.text_field, args.id_field)) if paths else _sample_rows()
+    if args.skip_empty:
+        rows = [row for row in rows if row.text]
+    if not rows:
+        raise ValueError("no texts to encode")
     encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype)
     start = time.perf_counter()
-    out = encoder.encode(
-        texts,
-        batch_size=args.batch_size,
-        prompt=args.prompt,
-        max_length=args.max_length,
-        show_progress_bar=True if len(texts) >= 256 else None,
-        rw_source=args.rw_source,
-    )
+    try:
+        out = encoder.encode(
+            [row.text for row in rows], batch_size=args.batch_size, prompt=args.prompt, max_length=args.max_length,
+            show_progress_bar=True if len(rows) >= 256 else None, rw_source=args.rw_source,
+        )
+    except ValueError as exc:
+        raise ValueError(name_rows(str(exc), [row.where for row in rows])) from None
     seconds = time.perf_counter() - start
     out.metadata["model"] = label
-    out.save(args.output)
+    out.save(args.output, overwrite=args.overwrite)
     tokens = int(out.metadata["tokens"])
     print(
-        f"encoded {len(texts)} texts ({tokens} tokens) in {seconds:.2f} s: "
-        f"{len(texts) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s\n"
+        f"encoded {len(rows)} texts ({tokens} tokens) in {seconds:.2f} s: "
+        f"{len(rows) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s\n"
         f"hs {tuple(out.hs.shape)}  rw {tuple(out.rw.shape)} "
         f"({encoder.adapter.family}: {encoder.num_moe_layers} MoE layers x {encoder.num_experts} experts)\n"
         f"wrote {args.output}"
+    )
+    return 0
+
+
+def _encode_to_directory(model: str, args) -> int:
+    from .corpus import plan_corpus_job, run_corpus_job
+
+    if not args.input:
+        raise UsageError("moee encode: a directory output needs --input (files, globs or -)")
+    job, devices = plan_corpus_job(
+        model, args.input, args.output, devices=args.devices or args.device, dtype=args.dtype, prompt=args.prompt,
+        shard_size=args.shard_size, text_field=args.text_field, id_field=args.id_field, overwrite=args.overwrite,
+        format=args.format, batch_size=args.batch_size, max_length=args.max_length, rw_source=args.rw_source,
+        skip_empty=args.skip_empty,
+    )
+    return _report_job(run_corpus_job(job, model, devices, progress=True), job.output_dir, job.done_rows())
+
+
+def _encode_on_ray(model: str, args) -> int:
+    try:
+        from .ray import encode_corpus_ray
+    except ImportError as exc:
+        raise ValueError(f"--engine ray needs Ray Data: pip install moee-fast[ray] ({exc})") from None
+    stats = encode_corpus_ray(
+        model, args.input, args.output, prompt=args.prompt, shard_size=args.shard_size, text_field=args.text_field,
+        id_field=args.id_field, overwrite=args.overwrite, batch_size=args.batch_size, max_length=args.max_length,
+        rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address,
+    )
+    return _report_job(stats, args.output, stats["rows"])
+
+
+def _report_job(stats: dict, output: str, rows: int) -> int:
+    seconds = max(stats["seconds"], 1e-9)
+    tokens = f", {stats['tokens'] / seconds:.0f} tokens/s" if stats["tokens"] else ""  # Ray does not count them
+    print(
+        f"encoded {stats['rows']} rows in {seconds:.2f} s: {stats['rows'] / seconds:.1f} texts/s{tokens}\n"
+        f"wrote {rows} rows to {output} (load_corpus reads them back)"
     )
     return 0
 
@@ -127,8 +187,9 @@ def cmd_mteb(args) -> int:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hub id (default: the built-in untrained demo)")
-    parser.add_argument("--max-length", type=int, help="token limit per text (the template is never cut)")
-    parser.add_argument("--batch-size", type=int, help="most texts per forward (default: a token budget decides)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--max-length", type=_positive_int, help="token limit per text (the template is never cut)")
+    parser.add_argument("--batch-size", type=_positive_int, help="most texts per forward (default: a token budget decides)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument(
@@ -140,15 +201,42 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moee", description="MoEE embeddings from Mixture-of-Experts LLMs")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_encode_arguments(encode: argparse.ArgumentParser) -> None:
+    from .corpus import DEFAULT_SHARD_SIZE
+    from .corpus.readers import FORMATS_TEXT
 
-    encode = commands.add_parser("encode", help="embed texts into a .safetensors file (hs, rw, metadata)")
-    encode.add_argument("--input", help='.txt (one text per line), .jsonl ("text" field), or - for stdin (default: built-in samples)')
-    encode.add_argument("--output", default="embeddings.safetensors", help="where to write (default: %(default)s)")
+    encode.add_argument("--input", nargs="+", metavar="PATH", help=f"files or globs: {FORMATS_TEXT} (default: built-in samples)")
+    encode.add_argument("--output", default="embeddings.safetensors",
+                        help="a .safetensors file, or a directory for a sharded, resumable corpus job (default: %(default)s)")
     encode.add_argument("--prompt", help=f"a preset ({PRESET_NAMES}) or a template with {{text}}, e.g. "
                         '\'This sentence : "{text}" means in one word:"\' (default: the text verbatim)')
+    encode.add_argument("--text-field", default="text", help="the text's field or column in .jsonl/.csv/.tsv/.parquet (default: %(default)s)")
+    encode.add_argument("--id-field", help="a field or column holding each row's id (default: file:line, or file:row for parquet)")
+    encode.add_argument("--skip-empty", action="store_true", help="skip empty texts (a directory output lists their ids in its manifest)")
+    encode.add_argument("--overwrite", action="store_true", help="replace an existing output file, or restart a corpus job from scratch")
+    encode.add_argument("--format", choices=("safetensors", "parquet"), default="safetensors", help="shard format of a directory output")
+    encode.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, help="rows per shard (default: %(default)s)")
+    encode.add_argument("--devices", help="one worker per device: cuda:0,cuda:1, all, or cpu,cpu (threads split between them)")
+    encode.add_argument("--engine", choices=("local", "ray"), default="local", help="ray: read, encode and write on Ray Data")
+    encode.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moee", description="MoEE embeddings from Mixture-of-Experts LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    encode = commands.add_parser("encode", help="embed texts into a .safetensors file or a corpus directory (shards + manifest)")
+    _add_encode_arguments(encode)
     _add_model_arguments(encode)
     encode.set_defaults(func=cmd_encode)
 
@@ -164,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="build prompts byte for byte as the authors' code did (instruction inside the quotes, _ as space)")
     evaluation.add_argument("--standardize", choices=("none", "per_batch"), default="none",
                             help="per_batch: the authors' z-scores over each --standardize-batch-size texts (batch-dependent)")
-    evaluation.add_argument("--standardize-batch-size", type=int, default=128, help="(default: %(default)s)")
+    evaluation.add_argument("--standardize-batch-size", type=_positive_int, default=128, help="(default: %(default)s)")
     evaluation.add_argument("--precision", choices=("int8", "uint8", "int4", "uint4", "binary", "float16", "bfloat16"),
                             help="quantize the vectors as mteb's CompressionWrapper does (results filed as an output_dtypes experiment)")
     evaluation.add_argument("--output-dir", default="results", help="where MTEB writes its result files (default: %(default)s)")
@@ -175,8 +263,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run a command; an expected error prints one line and returns 2 (usage) or 1, Ctrl-C
+    returns 130; tracebacks only with --debug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as exc:
+        print(_one_line(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        print(f"moee: {_one_line(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        expected = isinstance(exc, (ValueError, OSError, TypeError))
+        detail = _one_line(exc) if expected else f"{type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)"
+        print(f"moee: {detail}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, OSError) and len(exc.args) == 1 else str(exc)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

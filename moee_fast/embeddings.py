@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .checks import NORM_EPS, VARIANTS, as_integer, check_alpha, check_variant  # noqa: F401  (re-exported)
@@ -177,24 +178,26 @@ class MoEEmbeddings:
         return MoEEmbeddings(hs, rw, {**self.metadata, "standardized": f"per_batch:{batch_size}"})
 
     # ----------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write hs, rw and the metadata to a .safetensors file."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write hs, rw and the metadata to a .safetensors file, atomically (an interrupted save
+        leaves no file behind). An existing file is replaced only with `overwrite`; a path that
+        is not a regular file (device, pipe, symlink, directory) is refused."""
         from safetensors.torch import save_file
 
+        from .files import atomic_path, check_output_file
+
+        path = check_output_file(os.fspath(path), overwrite)
         metadata = {"format": FORMAT, "moee_metadata": json.dumps(self.metadata)}
-        save_file({"hs": self.hs.contiguous().cpu(), "rw": self.rw.contiguous().cpu()}, os.fspath(path), metadata)
+        tensors = {"hs": self.hs.contiguous().cpu(), "rw": self.rw.contiguous().cpu()}
+        with atomic_path(path, overwrite) as tmp:
+            save_file(tensors, tmp, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MoEEmbeddings:
-        from safetensors import safe_open
+        """Read a file written by `save`; a missing, truncated or foreign file fails naming it."""
+        from .files import read_safetensors
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no embeddings file at {path}")
-        with safe_open(path, framework="pt") as f:
-            missing = [name for name in ("hs", "rw") if name not in f.keys()]
-            if missing:
-                raise ValueError(f"{path}: no tensor named {', '.join(missing)}; not a moee-fast embeddings file")
-            hs, rw = f.get_tensor("hs"), f.get_tensor("rw")
-            header = f.metadata() or {}
+        arrays, header = read_safetensors(path, ("hs", "rw"))
+        hs, rw = (torch.from_numpy(np.array(arrays[name])) for name in ("hs", "rw"))
         return cls(hs, rw, json.loads(header.get("moee_metadata", "{}")))

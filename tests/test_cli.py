@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def test_encode_reads_txt_jsonl_and_stdin(demo_cache, tmp_path, monkeypatch, kin
     elif kind == "jsonl":
         source.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n")
     else:
-        monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts)))
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\r\n".join(texts).encode())))
         source = "-"
     out_file = tmp_path / "out.safetensors"
     prompt = 'This sentence : "{text}" means in one word:"'
@@ -47,11 +50,154 @@ def test_encode_reads_txt_jsonl_and_stdin(demo_cache, tmp_path, monkeypatch, kin
     assert loaded.metadata["prompt"] == prompt
 
 
-def test_bad_jsonl_names_the_line(demo_cache, tmp_path):
+def test_bad_jsonl_names_the_line(demo_cache, tmp_path, capsys):
     source = tmp_path / "bad.jsonl"
     source.write_text('{"text": "ok"}\n{"title": "no text"}\n')
-    with pytest.raises(SystemExit, match="bad.jsonl:2"):
-        main(["encode", "--input", str(source)])
+    assert main(["encode", "--input", str(source), "--output", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "bad.jsonl:2" in err[-1] and "Traceback" not in "".join(err)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: the checks under test must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(MoEEncoder, "from_pretrained", classmethod(refuse))
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_outputs_are_never_clobbered(demo_cache, tmp_path, capsys, no_model_load):
+    source = tmp_path / "in.txt"
+    source.write_text("one\ntwo\n")
+    existing = tmp_path / "old.safetensors"
+    existing.write_bytes(b"precious")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(existing)
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    cases = [
+        (existing, "output exists; pass --overwrite"),
+        (link, "is a symlink"),
+        (fifo, "not a regular file"),
+        (tmp_path / "missing" / "x.safetensors", "no directory"),
+    ]
+    for output, message in cases:
+        code, line = run_cli(["encode", "--input", str(source), "--output", str(output)], capsys)
+        assert code == 1 and message in line and str(output) in line
+    for output, message in [(link, "is a symlink"), (fifo, "not a regular file")]:
+        code, line = run_cli(["encode", "--input", str(source), "--output", str(output), "--overwrite"], capsys)
+        assert code == 1 and message in line
+    shutil.copy(source, tmp_path / "in.safetensors")
+    code, line = run_cli(["encode", "--input", str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "in.safetensors"), "--overwrite"], capsys)
+    assert code == 1  # .safetensors is not a text input: refused by name before anything is written
+    assert existing.read_bytes() == b"precious" and os.path.islink(link) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert source.read_text() == "one\ntwo\n"
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    from moee_fast.files import check_output_file
+
+    source = tmp_path / "in.txt"
+    source.write_text("one\n")
+    with pytest.raises(ValueError, match="output is also an input"):
+        check_output_file(str(source), overwrite=True, inputs=[str(tmp_path / "." / "in.txt")])
+    assert source.read_text() == "one\n"
+
+
+def test_usage_errors_exit_2_in_one_line_before_the_model_loads(demo_cache, tmp_path, capsys, no_model_load):
+    source = tmp_path / "in.txt"
+    source.write_text("one\n")
+    base = ["encode", "--input", str(source), "--output", str(tmp_path / "out")]
+    for extra, message in [
+        (["--batch-size", "1.5"], "--batch-size: '1.5' is not an integer"),
+        (["--max-length", "0"], "--max-length: 0 must be at least 1"),
+        (["--prompt", "no placeholder"], "neither a preset"),
+        (["--dtype", "float33"], "unknown dtype"),
+        (["--format", "csv"], "invalid choice"),
+        (["--devices", "gpu7"], "gpu7"),
+    ]:
+        code, line = run_cli(base + extra, capsys)
+        assert code == (1 if extra[0] == "--devices" else 2) and message in line, (extra, line)
+    code, line = run_cli(["encode", "--input", str(source), "--output", str(tmp_path / "o.safetensors"), "--format", "parquet"], capsys)
+    assert code == 2 and "directory" in line
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(demo_cache, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.txt"
+    source.write_text("one\ntwo\n")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MoEEncoder, "encode", interrupted)
+    code, line = run_cli(["encode", "--input", str(source), "--output", str(tmp_path / "o.safetensors")], capsys)
+    assert code == 130 and line == "moee: interrupted"
+    code, line = run_cli(["encode", "--input", str(source), "--output", str(tmp_path / "dir")], capsys)
+    assert code == 130 and line == "moee: interrupted after 0 of 2 rows; run the same command again to resume"
+    with pytest.raises(KeyboardInterrupt):
+        main(["encode", "--input", str(source), "--output", str(tmp_path / "o.safetensors"), "--debug"])
+    assert sorted(os.listdir(tmp_path)) == ["dir", "in.txt"] and os.listdir(tmp_path / "dir") == ["manifest.json"]
+
+
+def test_unexpected_errors_show_a_traceback_only_with_debug(demo_cache, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.txt"
+    source.write_text("one\n")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(MoEEncoder, "encode", broken)
+    argv = ["encode", "--input", str(source), "--output", str(tmp_path / "o.safetensors")]
+    code, line = run_cli(argv, capsys)
+    assert code == 1 and line == "moee: RuntimeError: kernel failed (--debug shows the traceback)"
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        main(argv + ["--debug"])
+
+
+def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    emb = MoEEmbeddings(torch.randn(3, 5), torch.rand(3, 2, 4))
+    real_save = safetensors.torch.save_file
+
+    def save_then_interrupt(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        emb.save(tmp_path / "e.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_garbage_embeddings_files_name_the_file(tmp_path):
+    emb = MoEEmbeddings(torch.randn(3, 5), torch.rand(3, 2, 4))
+    good = tmp_path / "good.safetensors"
+    emb.save(good)
+    data = good.read_bytes()
+    cases = {
+        "truncated.safetensors": data[: len(data) - 7],
+        "short.safetensors": data[:5],
+        "garbage.safetensors": b"\xff" * 64,
+        "badjson.safetensors": (20).to_bytes(8, "little") + b"{not json at all....",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}: .*(truncated|not a safetensors)"):
+            MoEEmbeddings.load(tmp_path / name)
+    with pytest.raises(FileExistsError, match="good.safetensors"):
+        emb.save(good)
+    emb.save(good, overwrite=True)
+    assert torch.equal(MoEEmbeddings.load(good).hs, emb.hs)
 
 
 def test_embeddings_file_roundtrip_and_errors(tmp_path):

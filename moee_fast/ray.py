@@ -1,0 +1,168 @@
+"""MoEE on Ray Data (`pip install moee-fast[ray]`): a callable class for `Dataset.map_batches`
+that adds `hs` and `rw` columns, and the corpus job run as read -> map_batches -> write_parquet.
+
+    ds.map_batches(MoEEBatchEncoder, fn_constructor_kwargs={"model": "allenai/OLMoE-1B-7B-0924"},
+                   batch_size=1024, batch_format="pyarrow", num_gpus=1, concurrency=4)
+
+Each actor loads the model once. Rows keep their order and ids; the output reads back with
+`moee_fast.load_corpus`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .corpus import readers
+from .corpus.job import MANIFEST, CorpusJob, load_manifest, name_rows
+from .corpus.store import embedding_table
+
+# Orders rows across files: file index in the high bits, row number below.
+_ROW_BITS = 40
+
+
+class MoEEBatchEncoder:
+    """Adds `hs` (fixed-size list of H float32) and `rw` (L*E float32, [L, E] in the schema
+    metadata) to each batch; a pyarrow Table, a pandas DataFrame or a dict of numpy arrays in,
+    a pyarrow Table out."""
+
+    def __init__(self, model: str, prompt=None, text_column: str = "text", device=None, dtype=None,
+                 batch_size=None, max_length=None, rw_source: str = "scores", threads: int | None = None):
+        import torch
+
+        from .encoder import MoEEncoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.encoder = MoEEncoder.from_pretrained(model, device=device, dtype=dtype)
+        self.text_column = text_column
+        self.options = dict(prompt=prompt, batch_size=batch_size, max_length=max_length, rw_source=rw_source)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        table = batch if isinstance(batch, pa.Table) else (
+            pa.Table.from_pandas(batch, preserve_index=False) if hasattr(batch, "iloc") else pa.table(dict(batch))
+        )
+        if self.text_column not in table.column_names:
+            raise ValueError(f"the batch has no column {self.text_column!r} (it has {', '.join(table.column_names)})")
+        texts = table.column(self.text_column).to_pylist()
+        try:
+            out = self.encoder.encode(texts, show_progress_bar=False, **self.options)
+        except (ValueError, TypeError) as exc:
+            wheres = table.column("id").to_pylist() if "id" in table.column_names else []
+            raise type(exc)(name_rows(str(exc), [str(w) for w in wheres])) from None
+        return embedding_table(table, out.hs, out.rw)
+
+
+def _rows_datasource(paths: list[str], text_field: str, id_field: str | None):
+    from ray.data import Datasource
+
+    class Rows(Datasource):
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return _read_tasks(paths, text_field, id_field)
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+    return Rows()
+
+
+def _written_shards(output_dir: str) -> dict:
+    """The parquet files Ray wrote, ordered by their first row; whether their rows, joined in
+    that order, follow the input (a resumed run may interleave them)."""
+    import pyarrow.parquet as pq
+
+    files = []
+    for name in sorted(os.listdir(os.path.join(output_dir, "data"))):
+        rows = pq.read_table(os.path.join(output_dir, "data", name), columns=["row", "hs", "rw"])
+        if rows.num_rows:
+            keys = rows.column("row").to_pylist()
+            files.append((keys[0], keys, os.path.join("data", name), rows))
+    files.sort(key=lambda f: f[0])
+    keys = [key for f in files for key in f[1]]
+    shape = None
+    if files:
+        table = files[0][3]
+        layers, experts = json.loads(table.schema.metadata[b"moee_rw_shape"])
+        shape = [table.schema.field("hs").type.list_size, layers, experts]
+    shards = [{"file": f[2], "start": None, "input_rows": len(f[1]), "rows": len(f[1])} for f in files]
+    return {"shards": shards, "shape": shape, "sort_by_row": keys != sorted(keys), "total_rows": len(keys)}
+
+
+def _read_tasks(paths: list[str], text_field: str, id_field: str | None):
+    """One Ray read task per input file, each reading it with moee-fast's own reader (same rows
+    and ids as the local job), in blocks of 4,096 rows."""
+    from ray.data import ReadTask
+    from ray.data.block import BlockMetadata
+
+    def read(file_index: int, path: str):
+        import pyarrow as pa
+
+        block: dict[str, list] = {"id": [], "text": [], "row": []}
+        for number, row in enumerate(readers.read_rows([path], text_field, id_field)):
+            block["id"].append(row.id)
+            block["text"].append(row.text)
+            block["row"].append((file_index << _ROW_BITS) | number)
+            if len(block["id"]) == 4096:
+                yield pa.table(block)
+                block = {"id": [], "text": [], "row": []}
+        if block["id"]:
+            yield pa.table(block)
+
+    return [
+        ReadTask(lambda i=i, p=p: read(i, p), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(p,)))
+        for i, p in enumerate(paths)
+    ]
+
+
+def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard_size: int = 10_000,
+                      text_field="text", id_field=None, overwrite=False, batch_size=None, max_length=None,
+                      rw_source="scores", dtype=None, ray_address=None, concurrency: int = 1,
+                      num_gpus: float = 0, num_cpus: float = 1) -> dict:
+    """The corpus job on Ray Data: our readers -> map_batches(MoEEBatchEncoder) -> write_parquet
+    into `output_dir`, resumable through Ray Data's checkpointing where the installed Ray has it,
+    then a manifest for `load_corpus`. Returns the run's {rows, tokens, seconds}."""
+    import time
+
+    import ray
+    import ray.data
+
+    if readers.STDIN in readers.expand_inputs(inputs):
+        raise ValueError("--engine ray reads files: stdin (-) is not one")
+    job = CorpusJob(model, inputs, output_dir, dtype=dtype or "auto", prompt=prompt, shard_size=shard_size,
+                    text_field=text_field, id_field=id_field, overwrite=overwrite, format="parquet",
+                    batch_size=batch_size, max_length=max_length, rw_source=rw_source, engine="ray")
+    if job.manifest["complete"]:
+        return {"rows": 0, "tokens": 0, "seconds": 0.0}
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=False)
+    start = time.perf_counter()
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    _enable_checkpointing(context, output_dir)
+    job.save_manifest()
+    ds = ray.data.read_datasource(_rows_datasource(job.paths, text_field, id_field))
+    ds = ds.map_batches(
+        MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
+        num_gpus=num_gpus or None, num_cpus=num_cpus,
+        fn_constructor_kwargs=dict(model=model, prompt=prompt, dtype=dtype, batch_size=batch_size,
+                                   max_length=max_length, rw_source=rw_source),
+    )
+    ds.drop_columns(["text"]).write_parquet(os.path.join(output_dir, "data"))
+    job.manifest.update(_written_shards(output_dir), complete=True)
+    rows = sum(entry["rows"] for entry in job.manifest["shards"])
+    job.manifest["last_run"] = {"rows": rows, "tokens": 0, "seconds": round(time.perf_counter() - start, 3)}
+    job.save_manifest()
+    return job.manifest["last_run"]
+
+
+def _enable_checkpointing(context, output_dir: str) -> None:
+    try:
+        from ray.data.checkpoint import CheckpointConfig
+    except ImportError:  # an older Ray: the job runs, but restarts from scratch
+        return
+    context.checkpoint_config = CheckpointConfig(
+        id_column="id", checkpoint_path=os.path.abspath(os.path.join(output_dir, "checkpoint")),
+        delete_checkpoint_on_success=True,
+    )

@@ -1,0 +1,226 @@
+"""Corpus jobs: shards and manifest against transformers' own forward of each text alone,
+resuming (after Ctrl-C and after kill -9 at random points) bit for bit, refusals, skipped empty
+rows, worker processes per device, parquet shards."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import moee_fast
+from moee_fast import MoEEncoder, encode_corpus, load_corpus
+from moee_fast.corpus import CorpusInterrupted
+from conftest import random_texts, relative_error
+from test_encoder import reference_embeddings
+
+
+@pytest.fixture(scope="module")
+def olmoe(checkpoint):
+    return checkpoint("olmoe")
+
+
+@pytest.fixture(scope="module")
+def encoder(olmoe):
+    return MoEEncoder.from_pretrained(olmoe, device="cpu")
+
+
+def write_inputs(tmp_path, texts):
+    """The texts spread over a .txt, a .jsonl and a .parquet file; returns their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    third = len(texts) // 3
+    (tmp_path / "a.txt").write_text("\n".join(texts[:third]) + "\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[third : 2 * third]))
+    pq.write_table(pa.table({"text": texts[2 * third :]}), tmp_path / "c.parquet")
+    return [str(tmp_path / name) for name in ("a.txt", "b.jsonl", "c.parquet")]
+
+
+def assert_same_corpus(a, b):
+    assert a.ids == b.ids and torch.equal(a.hs, b.hs) and torch.equal(a.rw, b.rw)
+
+
+def test_corpus_equals_each_text_alone_in_input_order(tmp_path, olmoe, encoder):
+    texts = random_texts(23, seed=11, max_words=40)
+    paths = write_inputs(tmp_path, texts)
+    corpus = encode_corpus(encoder, paths, tmp_path / "out", shard_size=5, progress=False)
+    hs, rw = reference_embeddings(olmoe, texts)
+    assert len(corpus) == 23 and corpus.hs.shape == hs.shape and corpus.rw.shape == rw.shape
+    assert relative_error(corpus.hs, hs).max() <= 1e-5 and relative_error(corpus.rw, rw).max() <= 1e-5
+    expected_ids = [f"{paths[0]}:{n}" for n in range(1, 8)] + [f"{paths[1]}:{n}" for n in range(1, 8)]
+    assert corpus.ids == expected_ids + [f"{paths[2]}:{n}" for n in range(1, 10)]
+    assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json"] + [f"part-{i:05d}.safetensors" for i in range(5)]
+    shards = list(corpus)
+    assert [len(ids) for ids, _ in shards] == [5, 5, 5, 5, 3]
+    assert torch.equal(shards[1][1].hs, corpus.hs[5:10])
+    scores = moee_fast.similarity(corpus.to_embeddings(), corpus.to_embeddings(), variant="sum")
+    assert scores.shape == (23, 23) and torch.isfinite(scores).all()
+    manifest = corpus.manifest
+    assert manifest["complete"] and manifest["total_rows"] == 23 and manifest["shape"] == [64, 3, 8]
+    assert [entry["input_rows"] for entry in manifest["shards"]] == [5, 5, 5, 5, 3]
+
+
+def test_parquet_shards_hold_the_same_rows(tmp_path, encoder):
+    import pandas as pd
+
+    paths = write_inputs(tmp_path, random_texts(10, seed=3, max_words=20))
+    st = encode_corpus(encoder, paths, tmp_path / "st", shard_size=4, progress=False)
+    pq = encode_corpus(encoder, paths, tmp_path / "pq", shard_size=4, format="parquet", progress=False)
+    assert_same_corpus(st, pq)
+    frame = pd.read_parquet(tmp_path / "pq" / "part-00001.parquet")
+    assert list(frame.columns) == ["id", "hs", "rw"] and list(frame["id"]) == st.ids[4:8]
+    assert torch.equal(torch.tensor(list(frame["rw"])).view(4, 3, 8), st.rw[4:8])
+
+
+class InterruptAfter:
+    """An encoder that presses Ctrl-C on its n-th call."""
+
+    def __init__(self, encoder, calls):
+        self.encoder, self.calls, self.name, self.model = encoder, calls, encoder.name, encoder.model
+
+    def encode(self, *args, **kwargs):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt
+        return self.encoder.encode(*args, **kwargs)
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, encoder):
+    paths = write_inputs(tmp_path, random_texts(20, seed=5, max_words=30))
+    whole = encode_corpus(encoder, paths, tmp_path / "whole", shard_size=3, progress=False)
+    with pytest.raises(CorpusInterrupted, match="interrupted after 9 of 20 rows; run the same command again to resume"):
+        encode_corpus(InterruptAfter(encoder, 3), paths, tmp_path / "resumed", shard_size=3, progress=False)
+    with pytest.raises(ValueError, match="not finished.*9 of 20"):
+        load_corpus(tmp_path / "resumed")
+    assert len(load_corpus(tmp_path / "resumed", allow_incomplete=True)) == 9
+    resumed = encode_corpus(InterruptAfter(encoder, 4), paths, tmp_path / "resumed", shard_size=3, progress=False)
+    assert_same_corpus(resumed, whole)
+    assert resumed.manifest["last_run"]["rows"] == 11
+
+
+KILLABLE_JOB = """
+import sys, torch
+torch.set_num_threads(1)
+from moee_fast import encode_corpus
+encode_corpus(sys.argv[1], [sys.argv[2]], sys.argv[3], shard_size=2, progress=False)
+"""
+
+
+def run_job(olmoe, source, out, kill_after_shards=None, rng=None):
+    """The job in a fresh process; with kill_after_shards, SIGKILL it once the manifest records
+    that many shards, after a random extra moment (so the kill lands anywhere in a shard)."""
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_JOB, olmoe, str(source), str(out)], stderr=subprocess.PIPE)
+    if kill_after_shards is None:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()
+        return
+    manifest = out / "manifest.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if len(json.loads(manifest.read_text())["shards"]) >= kill_after_shards:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.2))
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+
+def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path, olmoe):
+    rng = random.Random(os.getpid())
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(random_texts(40, seed=rng.randrange(1000), max_words=30)) + "\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed job's processes run
+    try:
+        encode_corpus(olmoe, [str(source)], tmp_path / "whole", shard_size=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for shards in sorted(rng.sample(range(0, 18), 3)):
+        run_job(olmoe, source, tmp_path / "killed", kill_after_shards=shards, rng=rng)
+    run_job(olmoe, source, tmp_path / "killed")
+    whole, killed = load_corpus(tmp_path / "whole"), load_corpus(tmp_path / "killed")
+    assert_same_corpus(killed, whole)
+    assert sorted(os.listdir(tmp_path / "killed")) == sorted(os.listdir(tmp_path / "whole"))
+    assert killed.manifest["shards"] == whole.manifest["shards"]
+
+
+def test_a_changed_job_refuses_to_resume_until_overwrite(tmp_path, checkpoint, olmoe, encoder):
+    paths = write_inputs(tmp_path, random_texts(6, seed=8, max_words=20))
+    out = tmp_path / "out"
+    first = encode_corpus(encoder, paths, out, shard_size=4, progress=False)
+    changes = [
+        (dict(prompt="prompteol"), "different prompt \\('', now 'prompteol'\\)"),
+        (dict(rw_source="logits"), "different rw_source"),
+        (dict(shard_size=5), "different shard_size \\(4, now 5\\)"),
+    ]
+    for change, message in changes:
+        with pytest.raises(ValueError, match=message + ".*--overwrite"):
+            encode_corpus(encoder, paths, out, **{"shard_size": 4, **change})
+    with pytest.raises(ValueError, match="different model"):
+        encode_corpus(checkpoint("mixtral"), paths, out, shard_size=4)
+    with open(paths[0], "a") as f:
+        f.write("one more line\n")
+    with pytest.raises(ValueError, match="different inputs"):
+        encode_corpus(encoder, paths, out, shard_size=4)
+    assert_same_corpus(load_corpus(out), first)
+    again = encode_corpus(encoder, paths, out, shard_size=5, prompt="prompteol", overwrite=True, progress=False)
+    assert len(again) == 7 and again.manifest["prompt"] == "prompteol"
+
+
+def test_empty_rows_fail_by_file_line_or_are_skipped_and_recorded(tmp_path, checkpoint):
+    encoder = MoEEncoder.from_pretrained(checkpoint("olmoe", bos=False), device="cpu")
+    source = tmp_path / "in.txt"
+    source.write_text("first\nsecond\n\nfourth\n")
+    with pytest.raises(ValueError, match=rf"{source}:3 is empty"):
+        encode_corpus(encoder, [str(source)], tmp_path / "out", shard_size=2, progress=False)
+    corpus = encode_corpus(encoder, [str(source)], tmp_path / "out", shard_size=2, skip_empty=True, overwrite=True, progress=False)
+    assert corpus.ids == [f"{source}:1", f"{source}:2", f"{source}:4"]
+    assert corpus.manifest["shards"][1]["skipped"] == [f"{source}:3"]
+    alone = encoder.encode(["first", "second", "fourth"])
+    assert relative_error(corpus.hs, alone.hs).max() <= 1e-5
+
+
+def test_output_directory_checks(tmp_path, encoder):
+    paths = write_inputs(tmp_path, random_texts(3, seed=2, max_words=20))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds 'notes.txt'"):
+        encode_corpus(encoder, paths, tmp_path / "foreign", overwrite=True)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="not a directory"):
+        encode_corpus(encoder, paths, paths[0])
+    with pytest.raises(ValueError, match="inside the output directory"):
+        encode_corpus(encoder, paths, tmp_path)
+    with pytest.raises(ValueError, match="format must be"):
+        encode_corpus(encoder, paths, tmp_path / "x", format="csv")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_damaged_shards_are_named(tmp_path, encoder):
+    paths = write_inputs(tmp_path, random_texts(6, seed=4, max_words=20))
+    encode_corpus(encoder, paths, tmp_path / "out", shard_size=3, progress=False)
+    shard = tmp_path / "out" / "part-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="part-00001.safetensors: .*truncated"):
+        load_corpus(tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="manifest.json: not a readable manifest"):
+        load_corpus(tmp_path / "out")
+
+
+def test_two_cpu_workers_equal_one_process(tmp_path, olmoe, encoder):
+    paths = write_inputs(tmp_path, random_texts(14, seed=9, max_words=30))
+    single = encode_corpus(encoder, paths, tmp_path / "one", shard_size=3, progress=False)
+    pooled = encode_corpus(olmoe, paths, tmp_path / "two", shard_size=3, devices="cpu,cpu", progress=False)
+    assert pooled.ids == single.ids
+    assert relative_error(pooled.hs, single.hs).max() <= 1e-6 and relative_error(pooled.rw, single.rw).max() <= 1e-6
+    assert pooled.manifest["shards"] == single.manifest["shards"]
