@@ -118,6 +118,10 @@ def check_context(lengths: list[int], context: int | None) -> None:
 def check_finite_rows(hs, rw, indices: list[int]) -> None:
     """HS and RW of one batch (on the CPU, in batch order) must be finite: NaN or Inf means
     corrupted weights or an overflowing dtype, never an embedding."""
+    # One sum per tensor is the cheap common case (NaN and Inf propagate into it); only a
+    # non-finite sum (or one that overflowed from finite values) needs the per-row scan.
+    if bool(hs.sum().isfinite()) and bool(rw.sum().isfinite()):
+        return
     finite = hs.isfinite().all(dim=1) & rw.flatten(1).isfinite().all(dim=1)
     if not bool(finite.all()):
         bad = sorted(indices[j] for j in (~finite).nonzero().flatten().tolist())

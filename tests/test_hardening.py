@@ -260,3 +260,13 @@ def test_integer_like_arguments_are_accepted(checkpoint):
     expected = enc.encode(texts)
     out = enc.encode(texts, batch_size=np.int64(2), max_length=np.int32(1024))
     assert relative_error(out.hs, expected.hs).max() <= 1e-5 and relative_error(out.rw, expected.rw).max() <= 1e-5
+
+
+def test_finite_check_scans_rows_when_a_sum_overflows_or_is_not_finite():
+    from moee_fast.checks import check_finite_rows
+
+    hs, rw = torch.full((3, 4), 3e38), torch.rand(3, 2, 2)
+    check_finite_rows(hs, rw, [5, 6, 7])  # the sums overflow, every value is finite
+    hs[1, 2], rw[2, 1, 0] = math.nan, -math.inf
+    with pytest.raises(ValueError, match=r"embeddings for texts\[6\], texts\[7\]: "):
+        check_finite_rows(hs, rw, [5, 6, 7])
