@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from benchmarks.helpers import randomize_
+
 
 def scaled_configs(num_hidden_layers: int | None = None) -> dict:
     """The CPU-sized benchmark configs; `num_hidden_layers` overrides every family's depth."""
@@ -75,9 +77,7 @@ def save_random_causal_lm(config, path: str) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config)
-    for param in model.parameters():  # real checkpoints are not all 0/1: avoid degenerate routing
-        if param.dim() >= 2:
-            torch.nn.init.normal_(param, std=0.02)
+    randomize_(model)
     model.save_pretrained(path)
 
 
