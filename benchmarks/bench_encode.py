@@ -31,7 +31,8 @@ from benchmarks.reference_path import (
 from moee_fast import MoEEncoder
 
 # Corpus sizes: the reference path pads every batch of 128 to its longest passage, so it needs
-# minutes where moee-fast needs seconds; these keep one reference round to about a minute.
+# minutes where moee-fast needs seconds; these keep one reference round to about a minute
+# (benchmarks/results/cpu_encode_*.md).
 N_TEXTS = {"olmoe": 128, "mixtral": 128, "qwen2_moe": 64, "deepseek": 64}
 REFERENCE_BATCH = 128
 # name -> (load the model, encode, batch size, whether it sorts texts by length before batching)
@@ -81,7 +82,8 @@ def test_encode_throughput(benchmark, model, bench_dir, fp32_peak, results):
     common = dict(model=model, texts=len(texts), tokens=sum(lengths), flops=embedding_flops(enc.model, lengths))
 
     enc.encode(texts[:8])  # warm-up: first-call allocations and lazy initialisation
-    # The shared VM's speed drifts by tens of percent within minutes: sample the peak before every
+    # The machine's matmul rate drifts within minutes (the range of the samples heads each results file,
+    # benchmarks/results/cpu_encode_*.md): sample the peak before every
     # round (pedantic's untimed setup) and once after the last, and judge each round by its neighbours.
     round_peaks: list[float] = []
 

@@ -65,8 +65,7 @@ class Context:
 
     def checkpoint(self) -> str:
         if self._checkpoint is None:
-            from benchmarks.gpu_report import smoke_configs
-            from benchmarks.models import build_checkpoint, scaled_configs
+            from benchmarks.models import build_checkpoint, scaled_configs, smoke_configs
 
             config = smoke_configs()["olmoe"] if self.dry else scaled_configs(num_hidden_layers=2)["olmoe"]
             self._checkpoint = build_checkpoint("olmoe", tempfile.mkdtemp(prefix="gpu_first_check_"), config=config)

@@ -38,90 +38,12 @@ from benchmarks.helpers import (
     markdown_table,
     matmul_flops_per_s,
     max_row_relative_error,
-    randomize_,
 )
-from benchmarks.models import embedding_flops
+from benchmarks.models import build_causal_lm, embedding_flops, full_size_configs, smoke_configs
 from benchmarks.reference_path import CAREFUL_BATCH, DeepseekCausalLM, careful_encode, reference_encode
 
 LABELS = {"olmoe": "OLMoE-1B-7B", "qwen2_moe": "Qwen1.5-MoE-A2.7B", "deepseek": "DeepSeekMoE-16B"}
 REFERENCE_BATCH = 128  # the published loop's batch size
-
-
-def full_size_configs() -> dict:
-    """The published configs' shapes (values that change no FLOP count, like rope scaling, too)."""
-    from transformers import OlmoeConfig, Qwen2MoeConfig
-
-    from moee_fast.models.deepseek import DeepseekConfig
-
-    return {
-        "olmoe": OlmoeConfig(
-            hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-            num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
-            max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, norm_topk_prob=False,
-            tie_word_embeddings=False,
-        ),
-        "qwen2_moe": Qwen2MoeConfig(
-            hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-            shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-            num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, decoder_sparse_step=1,
-            vocab_size=151936, max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
-            norm_topk_prob=False, tie_word_embeddings=False,
-        ),
-        "deepseek": DeepseekConfig(
-            hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=28,
-            num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2,
-            num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, vocab_size=102400,
-            max_position_embeddings=4096, rms_norm_eps=1e-6, norm_topk_prob=False,
-        ),
-    }
-
-
-def smoke_configs() -> dict:
-    """Each family's traits (OLMoE's qk-norm, Qwen's shared expert, DeepSeek's dense first layer
-    and shared experts) at a size a CPU runs in seconds."""
-    from transformers import OlmoeConfig, Qwen2MoeConfig
-
-    from moee_fast.models.deepseek import DeepseekConfig
-
-    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                  vocab_size=1024, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
-    return {
-        "olmoe": OlmoeConfig(intermediate_size=32, num_experts=16, num_experts_per_tok=4, **common),
-        "qwen2_moe": Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=48,
-                                    shared_expert_intermediate_size=128, num_experts=15, num_experts_per_tok=4,
-                                    **common),
-        "deepseek": DeepseekConfig(intermediate_size=192, moe_intermediate_size=48, n_routed_experts=16,
-                                   n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, **common),
-    }
-
-
-
-def build_causal_lm(config, device: torch.device, dtype: torch.dtype):
-    """(causal LM for the reference path, its base model for moee-fast): one set of weights."""
-    if config.model_type == "deepseek":
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        from moee_fast.models.deepseek import DeepseekModel
-
-        with torch.device("meta"):
-            base = DeepseekModel(config).to(dtype)  # no memory until to_empty: no fp32 copy
-        base.to_empty(device=device)
-        with torch.device(device):
-            base.rotary_emb = LlamaRotaryEmbedding(config)  # fp32 frequencies, as the loader builds them
-            lm = DeepseekCausalLM(base, nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype))
-        base.config.dtype = dtype
-    else:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device(device):
-            lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if any(p.device.type != device.type for p in lm.parameters()):  # should from_config ignore the device context
-            lm.to(device)
-        base = lm.model
-    randomize_(lm)
-    return lm.eval().requires_grad_(False), base.eval()
-
-
 
 
 def with_padding(tokenizer, side: str):
