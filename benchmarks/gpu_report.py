@@ -153,7 +153,10 @@ def bench_model(key: str, config, args, tokenizer, corpus: list[str], matmul: fl
         log.add(dict(model=label, path="vllm", skipped=reason))
         log_line(log.records[-1])
     else:
-        bench.run("vllm", lambda t: vllm_embed(vllm_dir, t, args), len(corpus), experts="vllm")
+        bench.run("vllm", lambda t: vllm_embed(vllm_dir, t, args), len(corpus), experts="vllm",
+                  note=f"its engine preallocates {args.vllm_memory:.0%} of the card (peak GiB is this process's)")
+        _VLLM.pop(vllm_dir, None)  # shuts its engine down before the next model is built
+        free_memory(device)
 
 
 def moee_encode(encoder, experts: str, budget: int):
@@ -219,7 +222,8 @@ def render(meta: dict):
                 rows.append([r["model"], r["path"], r.get("experts", ""), "", "", "", "", "", "", "", "",
                              r.get("error") and f"failed: {r['error']}" or f"skipped: {r.get('skipped')}"])
                 continue
-            errors = ", ".join(f"{k.replace('_err_vs_', ' vs ')} {v:.1e}" for k, v in r.items() if "_err_vs_" in k)
+            errors = ", ".join([f"{k.replace('_err_vs_', ' vs ')} {v:.1e}" for k, v in r.items() if "_err_vs_" in k]
+                               + ([r["note"]] if r.get("note") else []))
             rows.append([r["model"], r["path"], r.get("experts", ""), r.get("token_budget", "-"), r["texts"],
                          f"{r['computed_tokens'] / r['tokens']:.2f}", f"{r['seconds']:.2f}",
                          f"{r['tokens_per_s']:,.0f}", f"{r['useful_tflops']:.3g}", f"{100 * r['mfu']:.1f}%",
