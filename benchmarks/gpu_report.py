@@ -82,7 +82,13 @@ class ModelBench:
     def __init__(self, label: str, corpus: list[str], tokenizer, base: nn.Module, args, matmul: float, log):
         self.label, self.args, self.matmul, self.log, self.device = label, args, matmul, log, args.device
         self.lengths = [len(ids) for ids in tokenizer(corpus)["input_ids"]]
-        self.corpus, self.base, self.embeddings = corpus, base, {}
+        self.corpus, self.base, self.embeddings, self._flops = corpus, base, {}, {}
+
+    def flops(self, n_texts: int) -> float:
+        """Useful FLOPs of the first n_texts, counted once (vLLM's run comes after the model is freed)."""
+        if n_texts not in self._flops:
+            self._flops[n_texts] = embedding_flops(self.base, self.lengths[:n_texts])
+        return self._flops[n_texts]
 
     def run(self, path: str, encode, n_texts: int, computed_tokens=None, **extra) -> dict:
         texts, lengths = self.corpus[:n_texts], self.lengths[:n_texts]
@@ -95,7 +101,7 @@ class ModelBench:
     def _time(self, path, encode, texts, lengths, computed_tokens) -> dict:
         encode(texts[: self.args.warmup_texts])
         (hs, rw), seconds, peak = timed(lambda: encode(texts), self.device)
-        flops = embedding_flops(self.base, lengths)
+        flops = self.flops(len(texts))
         record = dict(seconds=seconds, computed_tokens=computed_tokens or sum(lengths), peak_gib=peak,
                       tokens_per_s=sum(lengths) / seconds, texts_per_s=len(texts) / seconds,
                       useful_tflops=flops / seconds / 1e12, mfu=flops / seconds / self.matmul)
@@ -147,6 +153,7 @@ def bench_model(key: str, config, args, tokenizer, corpus: list[str], matmul: fl
     if reason is None:
         lm.save_pretrained(vllm_dir)
         tokenizer.save_pretrained(vllm_dir)
+    bench.base = None  # every FLOP count vLLM needs is cached: free the weights for its engine
     del encoder, lm, base, careful
     free_memory(device)
     if reason is not None:
@@ -330,8 +337,8 @@ def main(argv=None):
     configs = smoke_configs() if args.smoke else full_size_configs()
     for key in args.models:
         record = caught(f"{LABELS[key]} build", bench_model, key, configs[key], args, tokenizer, corpus, matmul, log)
-        if "error" in record:  # building the model failed: nothing of it ran
-            log.add(dict(model=LABELS[key], path="build", **record))
+        if "error" in record:  # outside any timed run (building, saving for vLLM): record it too
+            log.add(dict(model=LABELS[key], path="setup", **record))
         free_memory(args.device)
     print(log.markdown.read_text())
     print(f"written to {log.markdown} and {log.jsonl.name}")
