@@ -1,6 +1,6 @@
 """Peak resident memory of loading a DeepSeekMoE checkpoint in bfloat16 on CPU.
 
-Run: python benchmarks/bench_deepseek_load.py [CHECKPOINT_DIR]
+Run: python -m benchmarks.bench_deepseek_load [CHECKPOINT_DIR]
 Without a directory it writes a ~1 GB random bf16 checkpoint in the published layout (256 MiB
 shards, per-expert tensors, an lm_head that is not loaded) to a temporary directory.
 The load runs in a fresh process; its peak resident memory (ru_maxrss) less the resident memory
@@ -45,7 +45,8 @@ SYNTHETIC = dict(
 
 def write_synthetic_checkpoint(path: str) -> None:
     from moee_fast.demo import SAMPLE_TEXTS, build_tokenizer
-    from moee_fast.models.deepseek import DeepseekConfig, save_random_checkpoint
+    from benchmarks.models import save_random_checkpoint
+    from moee_fast.models.deepseek import DeepseekConfig
 
     tokenizer = build_tokenizer(SAMPLE_TEXTS * 4, vocab_size=400)
     config = DeepseekConfig(**SYNTHETIC, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -1,9 +1,11 @@
-"""moee-fast vs the reference path (the published evaluation loop), side by side, on CPU.
+"""moee-fast vs both baselines, side by side, on CPU: the careful transformers loop a user would
+write and the reference path (the published evaluation loop); benchmarks/reference_path.py.
 
 Run: pytest benchmarks/bench_encode.py
 Same checkpoint, texts and machine, in one run: texts/s, tokens/s, peak memory, and useful
-GFLOP/s as a fraction of the fp32 matmul peak measured in the same run. Set
-MOEE_FAST_BENCH_TEXTS=path.txt (or .jsonl) to use real texts instead of the synthetic mix.
+GFLOP/s as a fraction of the fp32 matmul peak measured beside each timing. Set
+MOEE_FAST_BENCH_FAMILIES=olmoe,mixtral for a subset of families, and MOEE_FAST_BENCH_TEXTS=path.txt
+(or .jsonl) to use real texts instead of the synthetic mix.
 """
 
 from __future__ import annotations
@@ -13,18 +15,40 @@ import statistics
 import time
 
 import pytest
-from conftest import RESULTS, matmul_peak_gflops
-from corpus import load_corpus, synthetic_corpus
-from memory import peak_memory_mib
-from models import build_checkpoint, embedding_flops
-from reference_path import load_reference_model, reference_encode
 
+from benchmarks.conftest import matmul_peak_gflops
+from benchmarks.corpus import load_corpus, synthetic_corpus
+from benchmarks.helpers import max_row_relative_error
+from benchmarks.memory import peak_memory_mib
+from benchmarks.models import build_checkpoint, embedding_flops
+from benchmarks.reference_path import (
+    CAREFUL_BATCH,
+    careful_encode,
+    load_careful_model,
+    load_reference_model,
+    reference_encode,
+)
 from moee_fast import MoEEncoder
 
 # Corpus sizes: the reference path pads every batch of 128 to its longest passage, so it needs
-# minutes where moee-fast needs seconds; these keep one reference round to about a minute.
+# minutes where moee-fast needs seconds; these keep one reference round to about a minute
+# (benchmarks/results/cpu_encode_*.md).
 N_TEXTS = {"olmoe": 128, "mixtral": 128, "qwen2_moe": 64, "deepseek": 64}
 REFERENCE_BATCH = 128
+# name -> (load the model, encode, batch size, whether it sorts texts by length before batching)
+BASELINES = {
+    "careful": (load_careful_model, careful_encode, CAREFUL_BATCH, True),
+    "reference": (load_reference_model, reference_encode, REFERENCE_BATCH, False),
+}
+
+
+def selected_families() -> list[str]:
+    """Every family, or those named in MOEE_FAST_BENCH_FAMILIES (comma-separated)."""
+    wanted = [name.strip() for name in os.environ.get("MOEE_FAST_BENCH_FAMILIES", "").split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in N_TEXTS]
+    if unknown:
+        raise ValueError(f"MOEE_FAST_BENCH_FAMILIES names unknown families {unknown}; choose from {list(N_TEXTS)}")
+    return wanted or list(N_TEXTS)
 
 
 def _corpus(tokenizer, model: str) -> list[str]:
@@ -43,20 +67,23 @@ def _encoder(model: str, bench_dir: str) -> MoEEncoder:
     return _ENCODERS[model]
 
 
-def _max_rel_diff(a, b) -> float:
-    return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max())
+def padded_tokens(lengths: list[int], batch_size: int, sort: bool) -> int:
+    """Token slots a padded loop computes: each batch padded to its longest text."""
+    lengths = sorted(lengths) if sort else lengths
+    return sum(len(chunk) * max(chunk) for chunk in (lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)))
 
 
-@pytest.mark.parametrize("model", list(N_TEXTS))
-def test_encode_throughput(benchmark, model, bench_dir, fp32_peak):
+@pytest.mark.parametrize("model", selected_families())
+def test_encode_throughput(benchmark, model, bench_dir, fp32_peak, results):
     benchmark.group = f"encode {model}"
     enc = _encoder(model, bench_dir)
     texts = _corpus(enc.tokenizer, model)
     lengths = [len(ids) for ids in enc.tokenizer(texts)["input_ids"]]
-    flops = embedding_flops(enc.model, lengths)
+    common = dict(model=model, texts=len(texts), tokens=sum(lengths), flops=embedding_flops(enc.model, lengths))
 
     enc.encode(texts[:8])  # warm-up: first-call allocations and lazy initialisation
-    # The shared VM's speed drifts by tens of percent within minutes: sample the peak before every
+    # The machine's matmul rate drifts within minutes (the range of the samples heads each results file,
+    # benchmarks/results/cpu_encode_*.md): sample the peak before every
     # round (pedantic's untimed setup) and once after the last, and judge each round by its neighbours.
     round_peaks: list[float] = []
 
@@ -66,33 +93,30 @@ def test_encode_throughput(benchmark, model, bench_dir, fp32_peak):
 
     out = benchmark.pedantic(enc.encode, setup=sample_peak, rounds=3, iterations=1)
     sample_peak()
-    ours_fraction = _fraction_of_neighbour_peaks(flops, benchmark.stats.stats.data, round_peaks)
+    fp32_peak.extend(round_peaks)
+    results["encode"].append(dict(
+        common, path="moee-fast", seconds=benchmark.stats.stats.median, computed_tokens=sum(lengths),
+        neighbour_fraction=_fraction_of_neighbour_peaks(common["flops"], benchmark.stats.stats.data, round_peaks)))
+    for name in BASELINES:
+        row = dict(common, **_time_baseline(name, enc.name, texts, lengths, common["flops"], out, fp32_peak))
+        results["encode"].append(row)
+        assert row["max_rel_diff"] <= 1e-4, f"{model}: the {name} loop differs from moee-fast by {row['max_rel_diff']:.1e}"
 
-    ref_model, ref_tokenizer = load_reference_model(enc.name)
-    reference_encode(ref_model, ref_tokenizer, texts[:4])
-    # One round: the reference takes about a minute per corpus.
-    ref_peaks = [matmul_peak_gflops()]
+
+def _time_baseline(name: str, path: str, texts, lengths, flops, ours, peaks_log: list[float]) -> dict:
+    """One timed round of a baseline (each takes tens of seconds), peaks sampled on both sides."""
+    load, encode, batch_size, sort = BASELINES[name]
+    model, tokenizer = load(path)
+    encode(model, tokenizer, texts[:4])  # warm-up
+    peaks = [matmul_peak_gflops()]
     start = time.perf_counter()
-    ref_hs, ref_rw = reference_encode(ref_model, ref_tokenizer, texts, REFERENCE_BATCH)
-    ref_seconds = time.perf_counter() - start
-    ref_peaks.append(matmul_peak_gflops())
-    fp32_peak.extend(round_peaks + ref_peaks)
-    ref_padded = sum(
-        len(chunk) * max(chunk) for chunk in (lengths[i : i + REFERENCE_BATCH] for i in range(0, len(lengths), REFERENCE_BATCH))
-    )
-    del ref_model
-
-    diff = max(_max_rel_diff(out.hs, ref_hs), _max_rel_diff(out.rw, ref_rw))
-    common = dict(model=model, texts=len(texts), tokens=sum(lengths), flops=flops)
-    RESULTS["encode"].append(
-        dict(common, path="moee-fast", seconds=benchmark.stats.stats.median, computed_tokens=sum(lengths),
-             max_rel_diff=diff, neighbour_fraction=ours_fraction)
-    )
-    RESULTS["encode"].append(
-        dict(common, path="reference", seconds=ref_seconds, computed_tokens=ref_padded, max_rel_diff=0.0,
-             neighbour_fraction=_fraction_of_neighbour_peaks(flops, [ref_seconds], ref_peaks))
-    )
-    assert diff <= 1e-4, f"{model}: moee-fast differs from the reference path by {diff:.1e}"
+    hs, rw = encode(model, tokenizer, texts, batch_size)
+    seconds = time.perf_counter() - start
+    peaks.append(matmul_peak_gflops())
+    peaks_log.extend(peaks)
+    return dict(path=name, seconds=seconds, computed_tokens=padded_tokens(lengths, batch_size, sort),
+                max_rel_diff=max(max_row_relative_error(hs, ours.hs), max_row_relative_error(rw, ours.rw)),
+                neighbour_fraction=_fraction_of_neighbour_peaks(flops, [seconds], peaks))
 
 
 def _fraction_of_neighbour_peaks(flops: float, seconds: list[float], peaks: list[float]) -> float:
@@ -102,27 +126,44 @@ def _fraction_of_neighbour_peaks(flops: float, seconds: list[float], peaks: list
     return statistics.median(ratios)
 
 
+@pytest.mark.parametrize("model", selected_families())
+def test_encode_peak_memory(model, bench_dir, results):
+    """Peak memory of each path on the timed corpus; after every timing (see memory.py)."""
+    enc = _encoder(model, bench_dir)
+    texts = _corpus(enc.tokenizer, model)
+    rows = {row["path"]: row for row in results["encode"] if row["model"] == model}
+    _, rows["moee-fast"]["peak_mib"] = peak_memory_mib(enc.encode, texts)
+    for name, (load, encode, batch_size, _) in BASELINES.items():
+        model_, tokenizer = load(enc.name)
+        _, rows[name]["peak_mib"] = peak_memory_mib(encode, model_, tokenizer, texts, batch_size)
+        del model_
+    assert rows["moee-fast"]["peak_mib"] < rows["reference"]["peak_mib"]
+
+
 @pytest.mark.parametrize("batch,length", [(8, 128), (8, 512), (32, 128), (32, 512)])
-def test_memory_curve(model_for_memory, batch, length, bench_dir):
+def test_memory_curve(model_for_memory, batch, length, bench_dir, results):
     """Peak memory of one forward (measured after every timing: see memory.py): the reference path keeps every layer's hidden states and the
-    full-vocabulary logits (grows with batch x length x (layers x hidden + vocabulary)); moee-fast
-    keeps one layer's activations."""
+    full-vocabulary logits (grows with batch x length x (layers x hidden + vocabulary)); the
+    careful loop keeps one layer's activations for every padded slot; moee-fast one layer's for real tokens."""
     enc = _encoder(model_for_memory, bench_dir)
     word = "model "
     texts = [word * (length - 1)] * batch
     budget, enc.token_budget = enc.token_budget, batch * length + 64  # one forward of this shape
     try:
-        _, ours = peak_memory_mib(enc.encode, texts)
+        _, peaks = peak_memory_mib(enc.encode, texts)
     finally:
         enc.token_budget = budget
-    ref_model, ref_tokenizer = load_reference_model(enc.name)
-    _, ref = peak_memory_mib(reference_encode, ref_model, ref_tokenizer, texts, batch)
-    del ref_model
-    for path, peak in (("moee-fast", ours), ("reference", ref)):
-        RESULTS["memory"].append(dict(model=model_for_memory, batch=batch, length=length, path=path, peak_mib=peak))
-    assert ours < ref
+    peaks = {"moee-fast": peaks}
+    for name, (load, encode, _, _) in BASELINES.items():
+        model_, tokenizer = load(enc.name)
+        _, peaks[name] = peak_memory_mib(encode, model_, tokenizer, texts, batch)
+        del model_
+    for path, peak in peaks.items():
+        results["memory"].append(dict(model=model_for_memory, batch=batch, length=length, path=path, peak_mib=peak))
+    assert peaks["moee-fast"] < peaks["reference"]
 
 
 @pytest.fixture
 def model_for_memory():
-    return "olmoe"
+    families = selected_families()
+    return "olmoe" if "olmoe" in families else families[0]

@@ -104,7 +104,7 @@ def test_lm_head_is_not_loaded(deepseek_checkpoint):
 
 def test_random_checkpoint_has_the_published_layout(tmp_path, tokenizer_corpus):
     from moee_fast.demo import build_tokenizer
-    from moee_fast.models.deepseek import save_random_checkpoint
+    from benchmarks.models import save_random_checkpoint
 
     tokenizer = build_tokenizer(tokenizer_corpus, vocab_size=600, bos=True)
     config = DeepseekConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,

@@ -17,7 +17,6 @@ moe_intermediate_size * n_shared_experts).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -467,39 +466,6 @@ def load_deepseek(
     writer.check_complete(directory)
     model.config.dtype = dtype
     return model.eval().requires_grad_(False)
-
-
-def save_random_checkpoint(config: DeepseekConfig, path: str, std: float = 0.02, dtype: torch.dtype = torch.float32,
-                           max_shard_bytes: int = 2 * 2**30) -> None:
-    """Random weights (normal(0, std); norms at 1) in the published layout: per-expert tensors,
-    an lm_head, safetensors shards with an index, and config.json. For benchmarks: throughput
-    does not depend on trained values. Draws from torch's global generator."""
-    from safetensors.torch import save_file
-
-    with torch.device("meta"):
-        model = DeepseekModel(config)
-    shapes = {name: target.shape for name, target in checkpoint_plan(model).items()}
-    shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
-    groups, group, group_bytes = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * dtype.itemsize
-        if group and group_bytes + nbytes > max_shard_bytes:
-            groups.append(group)
-            group, group_bytes = [], 0
-        group.append(name)
-        group_bytes += nbytes
-    groups.append(group)
-    os.makedirs(path, exist_ok=True)
-    weight_map = {}
-    for number, names in enumerate(groups, start=1):  # one shard in memory at a time
-        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: (torch.ones(shapes[n]) if len(shapes[n]) == 1 else torch.randn(shapes[n]) * std).to(dtype) for n in names}
-        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-    with open(os.path.join(path, SAFETENSORS_INDEX), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    config.architectures = ["DeepseekForCausalLM"]
-    config.save_pretrained(path)
 
 
 # exist_ok: should transformers ever ship its own "deepseek" config, the loader still gets this one.

@@ -1,0 +1,120 @@
+"""Helpers every benchmark shares: the matmul rate measured beside a timing, GPU timing with CUDA
+events, row relative error, random weights, markdown tables, and results kept run by run."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cuda_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds per call of fn on the current stream: one pair of CUDA events around
+    `reps` back-to-back launches, so no host synchronisation falls inside the timed region."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def matmul_flops_per_s(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                       repeats: int = 10) -> float:
+    """The dense matmul rate of this machine right now, in FLOP/s: the ceiling useful FLOP/s are
+    judged against. CUDA: events around `repeats` launches; CPU: the median of timed calls."""
+    device = torch.device(device)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    if device.type == "cuda":
+        return 2 * n**3 / (cuda_ms(lambda: a @ b, reps=repeats) / 1e3)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def row_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Per-row ||actual - expected|| / ||expected|| in float64 (NaN anywhere stays NaN)."""
+    actual, expected = actual.double().flatten(1), expected.double().flatten(1)
+    return (actual - expected).norm(dim=1) / expected.norm(dim=1)
+
+
+def max_row_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest row error; NaN if any row is NaN (max() would skip it)."""
+    errors = row_relative_error(actual, expected)
+    return float("nan") if errors.isnan().any() else float(errors.max())
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) matrices, unit norms, zero biases: throughput does not depend on trained
+    values, but routing on all-equal router weights would be degenerate."""
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, std)
+        elif "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.zero_()
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """Lines of a markdown table; cells are written with str()."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def card_stem(prefix: str, device_name: str) -> str:
+    """A file name stem that names the card: gpu_report_nvidia_h200."""
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_').lower()}"
+
+
+class ResultsLog:
+    """Records kept as they come: each one appended to a JSONL file at once and the markdown
+    regenerated from all of them, so a crash or a time limit loses nothing already measured."""
+
+    def __init__(self, out_dir: Path, stem: str, render, fresh: bool = True):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl, self.markdown = out_dir / f"{stem}.jsonl", out_dir / f"{stem}.md"
+        self.render, self.records = render, []
+        if fresh:
+            self.jsonl.write_text("")
+
+    def add(self, record: dict) -> dict:
+        self.records.append(record)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        self.markdown.write_text(self.render(self.records))
+        return record
+
+
+def caught(label: str, fn, *args, **kwargs) -> dict:
+    """fn's result dict, or {"error": ...} for any Exception (Triton's CompilationError and
+    OutOfResources included): a failed run is recorded, never fatal. Tracebacks go to stderr,
+    except for running out of memory, which is an expected result."""
+    start = time.perf_counter()
+    try:
+        result = dict(fn(*args, **kwargs) or {})
+    except Exception as exc:  # every failure is a result to record
+        if not isinstance(exc, torch.OutOfMemoryError):
+            traceback.print_exception(exc, file=sys.stderr)
+        message = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+        result = dict(error=message.splitlines()[0][:300] if message else type(exc).__name__)
+    return {"step": label, **result, "wall_s": round(time.perf_counter() - start, 3)}

@@ -1,0 +1,116 @@
+"""The benchmark scripts run end to end on the CPU (tiny shapes), record every outcome as it
+comes, and compare moee-fast with both baselines."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from benchmarks.helpers import ResultsLog, caught, markdown_table, max_row_relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def records(directory: Path, prefix: str) -> list[dict]:
+    (path,) = directory.glob(f"{prefix}_*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_gpu_report_smoke_times_moee_fast_against_both_baselines_and_says_why_vllm_is_skipped(tmp_path):
+    run_module("benchmarks.gpu_report", "--smoke", "--models", "olmoe,deepseek", "--texts", "10",
+               "--reference-texts", "6", "--budgets", "64", "--warmup-texts", "2", "--experts", "eager",
+               "--out-dir", str(tmp_path))
+    runs = records(tmp_path, "gpu_report")
+    for model in ("OLMoE-1B-7B", "DeepSeekMoE-16B"):
+        mine = [r for r in runs if r["model"] == model]
+        assert [r["path"] for r in mine] == ["reference", "careful", "moee-fast", "moee-fast", "vllm"]
+        assert "CUDA" in mine[-1]["skipped"]
+        for run in mine[:-1]:
+            assert "error" not in run and run["tokens_per_s"] > 0 and run["mfu"] > 0
+        for run in mine[2:4]:  # fp32 on the CPU: both baselines agree with moee-fast to 1e-4
+            errors = [run[f"{part}_err_vs_{path}"] for part in ("hs", "rw") for path in ("reference", "careful")]
+            assert all(e <= 1e-4 for e in errors), errors  # NaN fails too
+    markdown = next(tmp_path.glob("gpu_report_*.md")).read_text()
+    assert "vs careful" in markdown and "vs reference" in markdown and "TARGETS.md" in markdown
+
+
+def test_gpu_first_check_dry_runs_every_step_in_order_and_keeps_each_result(tmp_path):
+    run_module("benchmarks.gpu_first_check", "--dry", "--budget-s", "1200", "--out-dir", str(tmp_path))
+    steps = {r["step"]: r for r in records(tmp_path, "gpu_first_check")}
+    assert list(steps) == ["kernels", "grid_limit", "attention", "sync_debug_encode", "bf16_vs_fp32", "throughput"]
+    kernels = steps["kernels"]
+    assert kernels["ok"] and {r["experts"] for r in kernels["rows"] if "experts" in r} == {8, 60, 64, 160, 256}
+    grid = steps["grid_limit"]
+    assert grid["topk_same_indices"] and grid["cosine_err"] <= 1e-5 and grid["topk_value_err"] <= 1e-5
+    attention = steps["attention"]
+    assert attention.get("status") == "not available" or len(attention["rows"]) == 2
+    sync = steps["sync_debug_encode"]
+    # Its limit is wall time, which a loaded machine may exceed; anything else must succeed.
+    assert sync.get("returncode") == 0 or sync["error"].startswith("StepTimeout"), sync
+    bf16 = steps["bf16_vs_fp32"]
+    assert 0 < bf16["hs_max_row_rel_err"] < 5e-2 and 0 < bf16["rw_max_row_rel_err"] < 5e-2
+    assert "error" not in steps["throughput"] and records(tmp_path, "gpu_report")
+    assert "## grid_limit" in next(tmp_path.glob("gpu_first_check_*.md")).read_text()
+
+
+def test_results_log_keeps_every_record_written_before_a_crash(tmp_path):
+    log = ResultsLog(tmp_path, "run", lambda rs: "\n".join(markdown_table(["n"], [[r["n"]] for r in rs])))
+    with pytest.raises(RuntimeError):
+        for n in range(3):
+            log.add({"n": n})
+            if n == 1:
+                raise RuntimeError("the device went away")
+    assert [json.loads(line)["n"] for line in (tmp_path / "run.jsonl").read_text().splitlines()] == [0, 1]
+    assert (tmp_path / "run.md").read_text().splitlines()[-1] == "| 1 |"
+
+
+@pytest.mark.parametrize("exc", [OutOfResources(300000, 232448, "shared memory"), torch.OutOfMemoryError("CUDA"),
+                                 ValueError("bad shape")])
+def test_caught_records_any_exception_as_a_failed_run(exc):
+    def run():
+        raise exc
+
+    record = caught("kernel", run)
+    assert record["step"] == "kernel" and record["error"] and "wall_s" in record
+    assert caught("ok", lambda: {"ms": 1.5})["ms"] == 1.5
+
+
+def test_caught_lets_an_interrupt_through():
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        caught("step", interrupted)
+
+
+def test_max_row_relative_error_is_nan_when_any_row_is():
+    expected = torch.ones(3, 4)
+    actual = expected.clone()
+    actual[1, 2] = float("nan")
+    assert math.isnan(max_row_relative_error(actual, expected))
+    assert max_row_relative_error(expected * 1.5, expected) == pytest.approx(0.5)
+
+
+def test_bench_families_are_chosen_by_environment_and_unknown_names_are_refused(monkeypatch):
+    from benchmarks.bench_encode import N_TEXTS, selected_families
+
+    monkeypatch.delenv("MOEE_FAST_BENCH_FAMILIES", raising=False)
+    assert selected_families() == list(N_TEXTS)
+    monkeypatch.setenv("MOEE_FAST_BENCH_FAMILIES", " olmoe, deepseek ")
+    assert selected_families() == ["olmoe", "deepseek"]
+    monkeypatch.setenv("MOEE_FAST_BENCH_FAMILIES", "olmoe,mixtrall")
+    with pytest.raises(ValueError, match="mixtrall"):
+        selected_families()
