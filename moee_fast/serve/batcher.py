@@ -148,13 +148,15 @@ class Batcher:
         request's failure never costs another its answer."""
         try:
             out = self._encode([text for job in jobs for text in job.texts], jobs)
-        except Exception:
-            if len(jobs) == 1:
+        except Exception as exc:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._run_group([job])
+            elif isinstance(exc, (TypeError, ValueError)):
+                jobs[0].resolve(error=exc)  # about this request's own texts, which it names
+            else:
                 log.exception("encoding a request failed")
                 jobs[0].resolve(error=RuntimeError("encoding failed"))
-                return
-            for job in jobs:
-                self._run_group([job])
             return
         start = 0
         for job in jobs:
