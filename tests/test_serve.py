@@ -258,3 +258,30 @@ def batch_count(server) -> float:
         if family.name == "moee_batch_texts":
             return next(s.value for s in family.samples if s.name == "moee_batch_texts_count")
     raise AssertionError("no moee_batch_texts metric")
+
+
+# ------------------------------------------------------------------------------ README
+def serving_section() -> str:
+    import os
+
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return text.split("## Serving", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_serving_examples_run_against_the_server(server, encoder, monkeypatch):
+    import re
+    import shutil
+    import subprocess
+
+    section = serving_section().replace("http://127.0.0.1:8000", server.url)
+    monkeypatch.setenv("MOEE_API_KEY", KEY)
+    (client_code,) = re.findall(r"```py\n(.*?)```", section, flags=re.S)
+    namespace: dict = {}
+    exec(compile(client_code, "README.md", "exec"), namespace)
+    texts = ["A man is playing a guitar.", "Someone plays an instrument."]
+    assert_rows_close(namespace["vectors"], encoder.encode(texts).vectors("sum", 1.0))
+    if shutil.which("curl"):
+        curl = next(block for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if block.startswith("curl"))
+        result = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True)
+        assert_rows_close([item["embedding"] for item in json.loads(result.stdout)["data"]], encoder.encode(texts).vectors("sum", 1.0))
