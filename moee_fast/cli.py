@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results there")
     _add_model_arguments(evaluation)
     evaluation.set_defaults(func=cmd_mteb)
+
+    from .serve.cli import add_serve_command
+
+    add_serve_command(commands)
     return parser
 
 

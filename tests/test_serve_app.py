@@ -1,0 +1,148 @@
+"""`moee serve`'s pieces in process: the batcher with a real encoder, the app before its worker
+runs, the message without the serve extra, and the page shipped in a built wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import random_texts, relative_error
+from moee_fast import MoEEncoder
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint):
+    return MoEEncoder.from_pretrained(checkpoint("olmoe", bos=False), device="cpu")
+
+
+def run_jobs(encoder, jobs_spec, max_batch_tokens=4096, max_wait_ms=50.0):
+    """Queue (texts, prompt) jobs together, run the worker, and return each job's outcome."""
+    from moee_fast.serve.batcher import Batcher, Job, JobQueue
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        queue = JobQueue(max_jobs=len(jobs_spec))
+        jobs = [Job(texts, sum(len(t) + 1 for t in texts), prompt, None, loop.create_future(), loop) for texts, prompt in jobs_spec]
+        for job in jobs:
+            queue.put(job)
+        batcher = Batcher(encoder, queue, max_batch_tokens, max_wait_ms)
+        batcher.start()
+        outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        await asyncio.to_thread(batcher.stop, 30)
+        return outcomes, queue.depth
+
+    return asyncio.run(main())
+
+
+def test_batcher_gives_each_job_its_rows_whatever_its_neighbours(encoder):
+    texts = random_texts(11, seed=4)
+    spec = [(texts[:3], None), (texts[3:4], "prompteol"), (texts[4:9], None), (texts[9:], "Q: {text} A:")]
+    outcomes, depth = run_jobs(encoder, spec)
+    assert depth == 0
+    for (job_texts, prompt), out in zip(spec, outcomes):
+        expected = encoder.encode(job_texts, prompt=prompt)
+        assert relative_error(out.hs, expected.hs).max() <= 1e-5
+        assert relative_error(out.rw, expected.rw).max() <= 1e-5
+
+
+def test_a_failing_job_costs_its_batch_neighbours_nothing(encoder):
+    # This tokenizer adds no BOS: an empty text has no last token, and encode refuses it.
+    spec = [(["first text"], None), (["ok", ""], None), (["third one here"], None)]
+    outcomes, depth = run_jobs(encoder, spec)
+    assert depth == 0
+    assert isinstance(outcomes[1], ValueError) and "texts[1]" in str(outcomes[1])
+    for index in (0, 2):
+        expected = encoder.encode(spec[index][0])
+        assert relative_error(outcomes[index].hs, expected.hs).max() <= 1e-5
+
+
+def test_queue_fills_batches_up_to_the_token_budget():
+    from moee_fast.serve.batcher import Job, JobQueue, QueueFull
+
+    loop = asyncio.new_event_loop()
+    try:
+        queue = JobQueue(max_jobs=4)
+        for tokens in (6, 3, 2, 9):
+            queue.put(Job(["x"], tokens, None, None, loop.create_future(), loop))
+        with pytest.raises(QueueFull):
+            queue.put(Job(["x"], 1, None, None, loop.create_future(), loop))
+        assert [job.tokens for job in queue.take_batch(max_tokens=11, max_wait_s=0)] == [6, 3, 2]
+        assert [job.tokens for job in queue.take_batch(max_tokens=4, max_wait_s=0)] == [9]  # alone, though over budget
+        assert queue.depth == 4  # taken, not yet answered
+        queue.answered(4)
+        queue.close()
+        assert queue.take_batch(max_tokens=11, max_wait_s=0) is None
+    finally:
+        loop.close()
+
+
+def test_health_and_routes_are_503_until_the_worker_runs(encoder):
+    from fastapi.testclient import TestClient
+
+    from moee_fast.serve import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig(served_model_name="tiny"))
+    client = TestClient(app)  # not entered: the lifespan, which starts the worker, has not run
+    assert client.get("/health").status_code == 503
+    response = client.post("/v1/embeddings", json={"input": "hello"})
+    assert response.status_code == 503 and "not loaded" in response.json()["error"]["message"]
+    with TestClient(app) as running:
+        assert running.get("/health").json() == {"status": "ok"}
+        assert running.post("/v1/embeddings", json={"input": "hello"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("variant", "max", "unknown variant"), ("alpha", float("nan"), "alpha"), ("prompt", "no placeholder", "{text}"), ("max_queue", 0, "max_queue")],
+)
+def test_serve_config_refuses_bad_defaults(field, value, message):
+    from moee_fast.serve import ServeConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(served_model_name="m", **{field: value})
+
+
+def test_without_the_serve_extra_the_error_names_it():
+    script = """
+import sys
+sys.modules["fastapi"] = None  # as if the serve extra were not installed
+try:
+    from moee_fast.serve import create_app
+except ImportError as exc:
+    print("import:", exc)
+from moee_fast.cli import main
+try:
+    main(["serve"])
+except SystemExit as exc:
+    print("command:", exc)
+main(["encode", "--help"])  # every other command still parses: exits 0
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("import:") and "pip install moee-fast[serve]" in lines[0]
+    assert lines[1].startswith("command:") and "pip install moee-fast[serve]" in lines[1]
+
+
+def test_a_built_wheel_ships_the_page(tmp_path):
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info", "build")
+    for name in ("moee_fast", "kernels"):
+        shutil.copytree(os.path.join(ROOT, name), source / name, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    env = {**os.environ, "MOEE_FAST_BUILD_EXT": "0"}
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")]
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("moee_fast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for page_file in ("index.html", "app.js", "style.css"):
+        assert f"moee_fast/serve/static/{page_file}" in names
