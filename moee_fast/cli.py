@@ -10,6 +10,7 @@ import time
 
 from .checks import RW_SOURCES, VARIANTS
 from .prompts import PRESETS
+from .quantize import QUANTIZE_CHOICES
 
 PRESET_NAMES = ", ".join(PRESETS)
 
@@ -51,7 +52,7 @@ def cmd_encode(args) -> int:
     if not texts:
         raise SystemExit("moee: no texts to encode")
     print(f"model: {label}", file=sys.stderr)
-    encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype)
+    encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     start = time.perf_counter()
     out = encoder.encode(
         texts,
@@ -90,7 +91,7 @@ def cmd_mteb(args) -> int:
         tasks = get_tasks(task_names)
     except KeyError as exc:
         raise SystemExit(f"moee mteb: {exc.args[0] if exc.args else exc}")
-    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype)
+    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         model = MoEEModel(
             encoder,
@@ -127,6 +128,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="most texts per forward (default: a token budget decides)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="load weights in 4-bit NF4 (the paper's setting) or "
+                        "8-bit through bitsandbytes (needs pip install moee-fast[quant])")
     parser.add_argument(
         "--rw-source",
         choices=RW_SOURCES,

@@ -22,6 +22,7 @@ from .batching import Batch, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
 from .embeddings import MoEEmbeddings
 from .prompts import resolve_prompt, tokenize
+from .quantize import avoid_unsupported_cpu_packing, input_device, with_quantization
 
 # Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
 # 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
@@ -85,7 +86,7 @@ class MoEEncoder:
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
         self.routers = adapter.routers(model)
         self._warned_oom = False
@@ -94,12 +95,14 @@ class MoEEncoder:
 
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None, dtype=None, **hf_kwargs) -> MoEEncoder:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str | None = None,
+                        **hf_kwargs) -> MoEEncoder:
         """Load a Mixture-of-Experts checkpoint (local directory or Hub id) as an encoder.
 
         device: None -> CUDA when available, else CPU. dtype: None -> bfloat16 on CUDA, float32 on
         CPU. Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
         quantization_config, ...). Attention always runs moee-fast's packed attention.
+        quantize: None, "nf4" or "int8": the paper's bitsandbytes settings (moee_fast.quantize).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -113,6 +116,7 @@ class MoEEncoder:
             warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=2)
         if hf_kwargs.get("trust_remote_code"):
             raise ValueError("moee-fast never runs code shipped with a checkpoint; drop trust_remote_code")
+        hf_kwargs = with_quantization(hf_kwargs, quantize, device)
         shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
         try:
             config = AutoConfig.from_pretrained(name, **shared)
@@ -126,6 +130,7 @@ class MoEEncoder:
                 model = models.NATIVE_LOADERS[config.model_type](name, config=config, dtype=dtype, device=device, **hf_kwargs)
             else:
                 model = AutoModel.from_pretrained(name, dtype=dtype, **hf_kwargs)
+        avoid_unsupported_cpu_packing(model)
         if "device_map" not in hf_kwargs:
             model = model.to(device)
         if device.type == "cpu" and "experts_implementation" not in hf_kwargs:
