@@ -108,8 +108,8 @@ def input_device(model: nn.Module) -> torch.device:
 
 # bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first forward,
 # and that repacking asserts an output width that is a multiple of 32 and an input width that is a
-# multiple of the quantization block (Qwen2-MoE's shared-expert gate has width 1, DeepSeekMoE's
-# shared experts 2 x 1407); such modules keep bitsandbytes' generic CPU path.
+# multiple of the quantization block (Qwen2-MoE's shared-expert gate has width 1); such modules
+# keep bitsandbytes' generic CPU path.
 _CPU_PACKING_BLOCK = 32
 
 
