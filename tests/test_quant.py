@@ -264,3 +264,28 @@ def test_cli_quantize_flag(checkpoint, tmp_path):
     assert relative_error(plain.hs, expected.hs).max() > 1e-5
     with pytest.raises(SystemExit):
         main(["encode", "--model", path, "--quantize", "int4"])
+
+
+# --- README: the memory table ----------------------------------------------------------------
+
+
+def load_model_sizes():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "model_sizes.py")
+    spec = importlib.util.spec_from_file_location("model_sizes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_memory_table_is_the_computed_one():
+    sizes = load_model_sizes()
+    mixtral = sizes.sizes(sizes.REAL_MODELS[0])
+    assert mixtral["params"] == 46_702_792_704 - 32000 * 4096  # Mixtral-8x7B's published count, less its LM head
+    assert mixtral["nf4 every linear"] < mixtral["int8 every linear"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]
+    assert block == sizes.markdown_table()
