@@ -10,6 +10,7 @@ import time
 
 from .checks import RW_SOURCES, VARIANTS
 from .prompts import PRESETS
+from .quantize import QUANTIZE_CHOICES
 
 PRESET_NAMES = ", ".join(PRESETS)
 
@@ -75,7 +76,7 @@ def _encode_to_file(model: str, label: str, args) -> int:
         rows = [row for row in rows if row.text]
     if not rows:
         raise ValueError("no texts to encode")
-    encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype)
+    encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     start = time.perf_counter()
     try:
         out = encoder.encode(
@@ -103,6 +104,7 @@ def _encode_to_directory(model: str, args) -> int:
 
     if not args.input:
         raise UsageError("moee encode: a directory output needs --input (files, globs or -)")
+    _refuse_quantize_for_jobs(args)
     job, devices = plan_corpus_job(
         model, args.input, args.output, devices=args.devices or args.device, dtype=args.dtype, prompt=args.prompt,
         shard_size=args.shard_size, text_field=args.text_field, id_field=args.id_field, overwrite=args.overwrite,
@@ -112,7 +114,14 @@ def _encode_to_directory(model: str, args) -> int:
     return _report_job(run_corpus_job(job, model, devices, progress=True), job.output_dir, job.done_rows())
 
 
+def _refuse_quantize_for_jobs(args) -> None:
+    # A job's manifest records everything its shards depend on; quantized weights are not yet among them.
+    if args.quantize:
+        raise UsageError("moee encode: --quantize applies to a .safetensors output (and moee mteb), not to corpus jobs yet")
+
+
 def _encode_on_ray(model: str, args) -> int:
+    _refuse_quantize_for_jobs(args)
     try:
         from .ray import encode_corpus_ray
     except ImportError as exc:
@@ -150,7 +159,7 @@ def cmd_mteb(args) -> int:
         tasks = get_tasks(task_names)
     except KeyError as exc:
         raise SystemExit(f"moee mteb: {exc.args[0] if exc.args else exc}")
-    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype)
+    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         model = MoEEModel(
             encoder,
@@ -192,6 +201,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, help="most texts per forward (default: a token budget decides)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="load weights in 4-bit NF4 (the paper's setting) or "
+                        "8-bit through bitsandbytes (needs pip install moee-fast[quant])")
     parser.add_argument(
         "--rw-source",
         choices=RW_SOURCES,

@@ -25,6 +25,7 @@ from .checks import check_context, check_finite_rows, check_max_length, check_po
 from .embeddings import MoEEmbeddings
 from .fastpath import attention, state
 from .prompts import resolve_prompt, tokenize
+from .quantize import avoid_unsupported_cpu_packing, with_quantization
 
 # Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
 # 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
@@ -95,13 +96,15 @@ class MoEEncoder:
     # ----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, device=None, dtype=None, fast_path: str | Iterable[str] = "all", **hf_kwargs
+        cls, name_or_path: str | os.PathLike, device=None, dtype=None, fast_path: str | Iterable[str] = "all",
+        quantize: str | None = None, **hf_kwargs,
     ) -> MoEEncoder:
         """Load a Mixture-of-Experts checkpoint (local directory or Hub id) as an encoder.
 
         device: None -> CUDA when available, else CPU; weights load straight onto it. dtype: None
         -> bfloat16 on CUDA, float32 on CPU. fast_path: "all", "none" or a set of parts of
         moee_fast.fastpath.PARTS (for debugging and A/B runs; embeddings agree to fp32 rounding).
+        quantize: None, "nf4" or "int8": the paper's bitsandbytes settings (moee_fast.quantize).
         Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
         quantization_config, experts_implementation (then the experts part is left off), ...).
         """
@@ -120,6 +123,7 @@ class MoEEncoder:
             warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=2)
         if hf_kwargs.pop("trust_remote_code", False):
             raise ValueError("moee-fast never runs code shipped with a checkpoint; drop trust_remote_code")
+        hf_kwargs = with_quantization(hf_kwargs, quantize, device)
         shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
         try:
             config = loading.load_config(name, **shared)
@@ -135,6 +139,7 @@ class MoEEncoder:
             else:
                 kwargs = loading.transformers_kwargs(hf_kwargs)
                 model = AutoModel.from_pretrained(name, dtype=dtype, **_placement(device, kwargs), **kwargs)
+        avoid_unsupported_cpu_packing(model)
         tokenizer = loading.load_tokenizer(name, **shared)
         return cls(model, tokenizer, adapter, name=name, fast_path=parts)
 
@@ -284,11 +289,13 @@ def _check_location(name: str) -> None:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    """Where a batch's inputs go: the execution device of a model accelerate offloads (its
-    weights wait on the meta device), else its first parameter's device that holds data."""
-    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
-    if device is not None:
-        return torch.device(device)
+    """Where a batch's inputs go: the execution device accelerate's hooks name when a device_map
+    spread or offloaded the model (offloaded weights wait on the meta device), else its first
+    parameter's device that holds data."""
+    for module in model.modules():  # the embedding comes first in every family
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 

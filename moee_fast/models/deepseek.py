@@ -32,6 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 from transformers.utils.output_capturing import OutputRecorder
 
 from ..loading import NO_REMOTE_CODE, check_weight_files
+from ..quantize import needs_quantized_weight, quantize_linears, quantized_weight
 
 # The router scoring functions this implementation computes: the subset of
 # moee_fast.adapters.registry.SCORING_FUNCTIONS that DeepSeekMoE v1 checkpoints use.
@@ -323,6 +324,10 @@ class _Writer:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         target = self.plan[name]
         param = getattr(target.module, target.attr)
+        if needs_quantized_weight(target.module, target.attr):  # quantized as it streams in: no full-size copy
+            target.module._parameters[target.attr] = quantized_weight(param, tensor.to(self.dtype), self.device)
+            self.done.add(name)
+            return
         if param.is_meta:
             param = nn.Parameter(torch.empty(param.shape, dtype=self.dtype, device=self.device), requires_grad=False)
             target.module._parameters[target.attr] = param
@@ -432,6 +437,8 @@ def load_deepseek(
     cache_dir: str | None = None,
     local_files_only: bool = False,
     subfolder: str = "",
+    quantization_config=None,
+    device_map=None,
     **unsupported,
 ) -> DeepseekModel:
     """Load a DeepSeekMoE checkpoint (local directory or Hub id) as a `DeepseekModel` in eval mode.
@@ -439,7 +446,11 @@ def load_deepseek(
     Weights stream from the safetensors shards into a model built on the meta device, each tensor
     copied once into its parameter on `device` in `dtype`; the LM head is never read. Pickle
     (`.bin`) checkpoints load only with `allow_pickle=True`, through torch.load(weights_only=True).
+    With a bitsandbytes `quantization_config`, every nn.Linear weight is quantized as it is read
+    (moee_fast.quantize), so the peak stays near the quantized size. `device_map` may only name
+    one device ({"": device}); sharding and offload are not supported here.
     """
+    device = _single_device(device_map, device)
     if unsupported:
         raise TypeError(f"the DeepSeekMoE loader does not take {', '.join(sorted(unsupported))}")
     directory = resolve_checkpoint(
@@ -454,10 +465,11 @@ def load_deepseek(
     config._experts_implementation = experts_implementation
     with torch.device("meta"):
         model = DeepseekModel(config)  # checks the config: nothing is allocated yet
+    if quantization_config is not None:
+        quantize_linears(model, quantization_config)
     kind, files = weight_files(directory, allow_pickle)  # fails on a missing shard before reading any
     check_weight_files(directory, allow_pickle)  # names a truncated or garbage shard before reading any
 
-    device = torch.device(device)
     model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # buffers computed, not loaded
     writer = _Writer(checkpoint_plan(model), device, dtype)
     load_file = _load_safetensors if kind == "safetensors" else _load_pickle
@@ -466,6 +478,17 @@ def load_deepseek(
     writer.check_complete(directory)
     model.config.dtype = dtype
     return model.eval().requires_grad_(False)
+
+
+def _single_device(device_map, device) -> torch.device:
+    if device_map is None:
+        return torch.device(device)
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return torch.device(device_map[""])
+    raise ValueError(
+        f"the DeepSeekMoE loader places the whole model on one device; device_map={device_map!r} would "
+        "shard or offload it; pass device=... instead"
+    )
 
 
 # exist_ok: should transformers ever ship its own "deepseek" config, the loader still gets this one.

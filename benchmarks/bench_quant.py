@@ -1,0 +1,154 @@
+"""What quantized loading costs and saves: fp32, bf16, NF4 and int8 side by side, on CPU.
+
+Run: python benchmarks/bench_quant.py [--texts 24] [--layers 4] [--families olmoe,mixtral,qwen2_moe,deepseek]
+For every scaled benchmark model (benchmarks/models.py) and precision, one fresh process loads
+the checkpoint and encodes the same seeded corpus (benchmarks/corpus.py); it reports
+- load peak: the most resident memory the load took above the process before it (ru_maxrss),
+- resident: resident memory after the load, above that same baseline,
+- weights: the bytes of the loaded parameters (quantized storage included),
+- encode throughput (texts/s, tokens/s) of one timed pass after a warm-up batch,
+- agreement with the fp32 embeddings of the same process layout: cosine per text of HS and of
+  RW (flattened), as the median and the minimum over the corpus.
+A markdown table goes to stdout and to benchmarks/results/quant_<date>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+PRECISIONS = ("fp32", "bf16", "nf4", "int8")
+
+PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, time, torch, transformers
+    from safetensors.torch import save_file
+    from moee_fast import MoEEncoder, models, quantize  # every import done before the baseline
+    import bitsandbytes, accelerate
+    sys.path.insert(0, sys.argv[4])
+    from corpus import synthetic_corpus
+
+    transformers.logging.set_verbosity_error()
+
+    def resident_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    path, precision, out_path, _, n_texts = sys.argv[1:6]
+    baseline = resident_bytes()
+    kwargs = {"dtype": torch.bfloat16} if precision == "bf16" else {}
+    if precision in ("nf4", "int8"):
+        kwargs["quantize"] = precision
+    start = time.perf_counter()
+    enc = MoEEncoder.from_pretrained(path, device="cpu", **kwargs)
+    load_seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    resident = resident_bytes() - baseline
+    weights = sum(p.numel() * p.element_size() for p in enc.model.parameters())
+    texts = synthetic_corpus(enc.tokenizer, int(n_texts), seed=0)
+    enc.encode(texts[:8])  # warm-up: first-call repacking and allocator growth
+    start = time.perf_counter()
+    out = enc.encode(texts)
+    seconds = time.perf_counter() - start
+    save_file({"hs": out.hs, "rw": out.rw}, out_path)
+    print(json.dumps(dict(load_peak=peak, resident=resident, weights=weights, load_seconds=load_seconds,
+                          seconds=seconds, texts=len(texts), tokens=int(out.metadata["tokens"]))))
+    """
+)
+
+
+def run_probe(path: str, precision: str, out_path: str, n_texts: int) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, path, precision, out_path, here, str(n_texts)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{precision} probe on {path} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def row_cosines(a, b):
+    """Cosine per row of two [N, ...] tensors, flattened past the first axis, in float64."""
+    import torch
+
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
+def agreement(out_path: str, fp32_path: str) -> dict:
+    from safetensors.torch import load_file
+
+    got, ref = load_file(out_path), load_file(fp32_path)
+    hs, rw = row_cosines(got["hs"], ref["hs"]), row_cosines(got["rw"], ref["rw"])
+    return dict(hs_median=hs.median().item(), hs_min=hs.min().item(), rw_median=rw.median().item(), rw_min=rw.min().item())
+
+
+def measure_family(family: str, root: str, n_texts: int, layers: int) -> list[dict]:
+    from models import build_checkpoint, scaled_configs
+
+    path = build_checkpoint(family, root, config=scaled_configs(layers)[family])
+    rows = []
+    outputs = {precision: os.path.join(root, f"{family}-{precision}.safetensors") for precision in PRECISIONS}
+    for precision in PRECISIONS:  # fp32 first: the others are compared with it
+        row = dict(family=family, precision=precision, **run_probe(path, precision, outputs[precision], n_texts))
+        row.update(agreement(outputs[precision], outputs["fp32"]))
+        rows.append(row)
+        print(f"  {family} {precision}: done", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    mib = 2**20
+    lines = [
+        "| model | precision | weights MiB | load peak MiB | resident MiB | peak / weights | load s | texts/s | tokens/s "
+        "| HS cosine median (min) | RW cosine median (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['precision']} | {r['weights'] / mib:.1f} | {r['load_peak'] / mib:.1f} | "
+            f"{r['resident'] / mib:.1f} | {r['load_peak'] / r['weights']:.2f} | {r['load_seconds']:.2f} | "
+            f"{r['texts'] / r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | "
+            f"{r['hs_median']:.6f} ({r['hs_min']:.6f}) | {r['rw_median']:.6f} ({r['rw_min']:.6f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=24, help="corpus size (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of every scaled model (default: %(default)s; "
+                        "bf16 runs slowly on CPU)")
+    parser.add_argument("--families", default="olmoe,mixtral,qwen2_moe,deepseek")
+    parser.add_argument("--checkpoints", help="where to keep the scaled checkpoints (default: a temporary directory)")
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.checkpoints or scratch
+        rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers)]
+    header = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other work during the run), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; the scaled models at {args.layers} layers; "
+        f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, bf16 compute (the paper's "
+        "setting). transformers quantizes nn.Linear modules only: routed experts stay in the load dtype (fp32)."
+    )
+    report = f"{header}\n\n{table(rows)}\n"
+    print(report)
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, f"quant_{datetime.date.today().isoformat()}.md"), "w") as f:
+        f.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""4-bit / 8-bit loading (bitsandbytes, on CPU here) and device maps with offload (accelerate).
+
+Quantized encoders are compared with the same quantized model run by transformers' own eager
+forward, each text alone. Both quantized kernels round their input: NF4 computes in bfloat16
+(the paper's setting; 2^-8 relative per element), int8 quantizes each activation row to 127
+steps of its absolute maximum. The two forwards agree to fp32 rounding (moee-fast's packed
+attention, C++ norms and experts against eager torch) until one such rounding falls the other
+way, which moves that element by one step and carries it through the layers. So: the median row
+within 1e-5 (fp32 rounding: most rows hit no flip), every row within 2e-2 (a few flipped steps),
+and the unquantized model's median row more than 1e-4 away (the comparison tells them apart).
+"""
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_texts, relative_error, save_checkpoint
+from deepseek_reference import write_checkpoint
+from moee_fast import MoEEncoder
+from moee_fast.quantize import avoid_unsupported_cpu_packing, quantization_config
+
+bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
+
+TYPICAL, WORST, MOVED = 1e-5, 2e-2, 1e-4  # median row, any row, the unquantized median
+HF_FAMILIES = ["olmoe", "qwen2_moe", "mixtral"]
+
+
+@pytest.fixture(autouse=True)
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    yield
+    hf_logging.set_verbosity(level)
+
+
+def transformers_reference(path, method, texts):
+    """HS and RW from transformers' eager forward of the model quantized by transformers, each text
+    alone: last_hidden_state at the last position, fp32 softmax of each recorded router row."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(
+        path, quantization_config=quantization_config(method), device_map="cpu", dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
+    avoid_unsupported_cpu_packing(model)  # the kernel bitsandbytes picks, not the arithmetic
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hs, rw = [], []
+    with torch.no_grad():
+        for text in texts:
+            out = model(tokenizer(text, return_tensors="pt")["input_ids"], output_router_logits=True)
+            hs.append(out.last_hidden_state[0, -1].float())
+            rw.append(torch.stack([torch.softmax(logits[-1].float(), dim=-1) for logits in out.router_logits]))
+    return torch.stack(hs), torch.stack(rw)
+
+
+def assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed):
+    rng = random.Random(seed)
+    for batch_size in (1, 3, None):
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        out = enc.encode([texts[i] for i in order], batch_size=batch_size)
+        for got, expected in ((out.hs, ref_hs[order]), (out.rw, ref_rw[order])):
+            error = relative_error(got, expected)
+            assert error.median() <= TYPICAL and error.max() <= WORST
+
+
+def assert_quantization_moved_it(path, texts, ref_hs, ref_rw):
+    """The unquantized model lies outside the bounds: the comparison can tell them apart."""
+    plain = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    assert relative_error(plain.hs, ref_hs).median() > MOVED
+    assert relative_error(plain.rw, ref_rw).median() > MOVED
+
+
+# --- configs and the optional extra ---------------------------------------------------------
+
+
+def test_configs_are_the_papers():
+    nf4 = quantization_config("nf4")
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
+    assert nf4.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("int8").load_in_8bit
+    with pytest.raises(ValueError, match="nf4, int8"):
+        quantization_config("int4")
+
+
+@pytest.mark.parametrize("module", ["bitsandbytes", "accelerate"])
+def test_missing_extra_is_named(checkpoint, monkeypatch, module):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_8bit=True)  # built while the extra is still importable
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(ImportError, match=rf"{module}: pip install moee-fast\[quant\]"):
+        quantization_config("nf4")
+    with pytest.raises(ImportError, match=r"pip install moee-fast\[quant\]"):
+        MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize="int8")
+    with pytest.raises(ImportError, match=r"pip install moee-fast\[quant\]"):
+        MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantization_config=config)
+
+
+def test_quantize_and_quantization_config_conflict(checkpoint):
+    with pytest.raises(ValueError, match="either quantize or quantization_config"):
+        MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize="nf4", quantization_config=quantization_config("int8"))
+
+
+# --- transformers' families -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_quantized_matches_transformers_forward(checkpoint, family, method):
+    path = checkpoint(family)
+    texts = random_texts(9, seed=21, max_words=90)
+    ref_hs, ref_rw = transformers_reference(path, method, texts)
+
+    enc = MoEEncoder.from_pretrained(path, device="cpu", quantize=method)
+    linear_type = bnb.nn.Linear4bit if method == "nf4" else bnb.nn.Linear8bitLt
+    quantized = [m for m in enc.model.modules() if isinstance(m, linear_type)]
+    assert quantized and all("forward" not in vars(m) for m in quantized)  # no fast-path patch on them
+    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=family + method)
+    assert_quantization_moved_it(path, texts, ref_hs, ref_rw)
+
+
+def test_routed_experts_stay_in_the_load_dtype(checkpoint):
+    """transformers v5 quantizes nn.Linear modules only; its stacked experts are 3-D parameters."""
+    enc = MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4")
+    experts = enc.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float32
+    assert enc.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
+
+
+# --- DeepSeekMoE, loaded natively -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepseek_path(tmp_path_factory, tokenizer_corpus):
+    return write_checkpoint(tmp_path_factory.mktemp("deepseek-quant"), tokenizer_corpus, seed=5)
+
+
+def quantize_after_plain_load(path, method):
+    """The reference: a plain fp32 load, then every nn.Linear swapped for its bitsandbytes module
+    built directly from bitsandbytes (not through moee-fast or transformers)."""
+    from moee_fast.models import load_deepseek
+
+    model = load_deepseek(path, dtype=torch.float32, device="cpu")
+    model.config._attn_implementation = "eager"
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        weight = module.weight.data.clone()
+        if method == "nf4":
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                    compress_statistics=True, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+        else:
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=False, has_fp16_weights=False, threshold=6.0)
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to("cpu")
+        model.set_submodule(name, new.eval())
+    avoid_unsupported_cpu_packing(model)
+    return model
+
+
+def deepseek_forward_each_alone(model, tokenizer, texts):
+    """last_hidden_state at the last position and fp32 softmax of every gate's last row, via hooks."""
+    from moee_fast.models.deepseek import DeepseekTopkRouter
+
+    rows = []
+    gates = [m for m in model.modules() if isinstance(m, DeepseekTopkRouter)]
+    handles = [g.register_forward_hook(lambda m, a, out: rows.append(out[0][-1].float().softmax(-1))) for g in gates]
+    hs, rw = [], []
+    with torch.no_grad():
+        for text in texts:
+            rows.clear()
+            out = model(input_ids=tokenizer(text, return_tensors="pt")["input_ids"], use_cache=False)
+            hs.append(out.last_hidden_state[0, -1].float())
+            rw.append(torch.stack(rows))
+    for handle in handles:
+        handle.remove()
+    return torch.stack(hs), torch.stack(rw)
+
+
+def quantized_state(model):
+    return {name: m.weight.data for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_deepseek_streamed_quantization_matches_quantizing_after_load(deepseek_path, method):
+    texts = random_texts(8, seed=4, max_words=40)
+    enc = MoEEncoder.from_pretrained(deepseek_path, device="cpu", quantize=method)
+    reference = quantize_after_plain_load(deepseek_path, method)
+
+    streamed, expected = quantized_state(enc.model), quantized_state(reference)
+    assert streamed.keys() == expected.keys() and len(streamed) > 0
+    for name in expected:  # the same bits, whether quantized as read or after a full load
+        assert torch.equal(streamed[name].view(torch.uint8), expected[name].view(torch.uint8)), name
+
+    ref_hs, ref_rw = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
+    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=method)
+    assert_quantization_moved_it(deepseek_path, texts, ref_hs, ref_rw)
+
+
+def test_deepseek_refuses_sharding(deepseek_path):
+    with pytest.raises(ValueError, match="one device"):
+        MoEEncoder.from_pretrained(deepseek_path, device="cpu", device_map={"layers.0": "cpu", "layers.1": "disk"})
+
+
+# --- device maps and offload ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_device_map_with_disk_offload_equals_unsharded(checkpoint, tmp_path, family):
+    path = checkpoint(family)
+    texts = random_texts(10, seed=8, max_words=80)
+    plain = MoEEncoder.from_pretrained(path, device="cpu")
+    expected = plain.encode(texts)
+    plain_bytes = sum(p.numel() * p.element_size() for p in plain.model.parameters())
+
+    # accelerate keeps room for the largest layer beside what it places: 85% leaves the embedding
+    # and the first layer in memory and the rest on disk.
+    offload = tmp_path / "offload"
+    enc = MoEEncoder.from_pretrained(
+        path, device="cpu", device_map="auto", max_memory={"cpu": int(plain_bytes * 0.85)}, offload_folder=str(offload),
+    )
+    layers = {name: place for name, place in enc.model.hf_device_map.items() if name.startswith("layers.")}
+    assert "cpu" in layers.values() and "disk" in layers.values(), enc.model.hf_device_map
+    assert any(name.endswith(".safetensors") for name in os.listdir(offload))
+    assert enc.device == torch.device("cpu")
+    for batch_size in (1, None):
+        out = enc.encode(texts, batch_size=batch_size)
+        assert relative_error(out.hs, expected.hs).max() <= 1e-5
+        assert relative_error(out.rw, expected.rw).max() <= 1e-5
+
+
+def test_everything_offloaded_to_disk(checkpoint, tmp_path):
+    path = checkpoint("mixtral")
+    texts = random_texts(6, seed=2, max_words=50)
+    expected = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    enc = MoEEncoder.from_pretrained(path, device="cpu", device_map={"": "disk"}, offload_folder=str(tmp_path / "offload"))
+    assert all(p.is_meta for p in enc.model.layers.parameters())  # nothing resident until its forward
+    out = enc.encode(texts)
+    assert relative_error(out.hs, expected.hs).max() <= 1e-5
+    assert relative_error(out.rw, expected.rw).max() <= 1e-5
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def test_cli_quantize_flag(checkpoint, tmp_path):
+    from moee_fast.cli import main
+    from moee_fast.demo import SAMPLE_TEXTS
+    from moee_fast.embeddings import MoEEmbeddings
+
+    path = checkpoint("olmoe")
+    assert main(["encode", "--model", path, "--device", "cpu", "--quantize", "int8", "--output", str(tmp_path / "e.safetensors")]) == 0
+    written = MoEEmbeddings.load(str(tmp_path / "e.safetensors"))
+    expected = MoEEncoder.from_pretrained(path, device="cpu", quantize="int8").encode(list(SAMPLE_TEXTS))
+    assert relative_error(written.hs, expected.hs).max() <= 1e-5
+    plain = MoEEncoder.from_pretrained(path, device="cpu").encode(list(SAMPLE_TEXTS))
+    assert relative_error(plain.hs, expected.hs).max() > 1e-5
+    with pytest.raises(SystemExit):
+        main(["encode", "--model", path, "--quantize", "int4"])
+
+
+# --- README: the memory table ----------------------------------------------------------------
+
+
+def load_model_sizes():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "model_sizes.py")
+    spec = importlib.util.spec_from_file_location("model_sizes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_memory_table_is_the_computed_one():
+    sizes = load_model_sizes()
+    mixtral = sizes.sizes(sizes.REAL_MODELS[0])
+    assert mixtral["params"] == 46_702_792_704 - 32000 * 4096  # Mixtral-8x7B's published count, less its LM head
+    assert mixtral["nf4 every linear"] < mixtral["int8 every linear"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]
+    assert block == sizes.markdown_table()
