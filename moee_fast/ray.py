@@ -14,7 +14,7 @@ import json
 import os
 
 from .corpus import readers
-from .corpus.job import MANIFEST, CorpusJob, load_manifest, name_rows
+from .corpus.job import CorpusJob, name_rows
 from .corpus.store import embedding_table
 
 # Orders rows across files: file index in the high bits, row number below.

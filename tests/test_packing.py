@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from moee_fast import MoEEncoder
 from moee_fast.fastpath import attention as packing

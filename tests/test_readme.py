@@ -3,7 +3,6 @@
 import os
 import re
 
-import pytest
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 HUB_MODEL = "allenai/OLMoE-1B-7B-0924"

@@ -5,7 +5,6 @@ atomically, and read back memory-mapped."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
