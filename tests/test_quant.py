@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import random_texts, relative_error, save_checkpoint
+from conftest import random_texts, relative_error
 from deepseek_reference import write_checkpoint
 from moee_fast import MoEEncoder
 from moee_fast.quantize import avoid_unsupported_cpu_packing, quantization_config
@@ -262,8 +262,10 @@ def test_cli_quantize_flag(checkpoint, tmp_path):
     assert relative_error(written.hs, expected.hs).max() <= 1e-5
     plain = MoEEncoder.from_pretrained(path, device="cpu").encode(list(SAMPLE_TEXTS))
     assert relative_error(plain.hs, expected.hs).max() > 1e-5
-    with pytest.raises(SystemExit):
-        main(["encode", "--model", path, "--quantize", "int4"])
+    assert main(["encode", "--model", path, "--quantize", "int4"]) == 2  # a usage error: one line, exit 2
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one\ntwo\n")
+    assert main(["encode", "--model", path, "--quantize", "nf4", "--input", str(texts), "--output", str(tmp_path / "job")]) == 2
 
 
 # --- README: the memory table ----------------------------------------------------------------
