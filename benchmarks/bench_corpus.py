@@ -35,6 +35,7 @@ def write_texts(path: str, n: int, seed: int = 0) -> None:
 
 
 def throughput(n: int, rounds: int, shard_size: int) -> dict:
+    load_average = os.getloadavg()[0]
     from moee_fast import MoEEncoder, encode_corpus
     from moee_fast.demo import demo_checkpoint
 
@@ -55,7 +56,7 @@ def throughput(n: int, rounds: int, shard_size: int) -> dict:
             times["encode_corpus"].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {"texts": n, "rounds": rounds, "shard_size": shard_size, "seconds": medians, "all_seconds": times,
-            "ratio": medians["encode"] / medians["encode_corpus"]}
+            "ratio": medians["encode"] / medians["encode_corpus"], "load_average": load_average}
 
 
 def peak_child(n: int, shard_size: int) -> None:
@@ -88,7 +89,8 @@ def report(result: dict, sizes: list[dict]) -> str:
     lines = [
         f"# Corpus jobs on CPU ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs while this ran (timings are noisy), "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (load average {result['load_average']:.1f} before the run: "
+        "other work on the cores makes timings noisy), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: the built-in demo (untrained OLMoE layout); "
         "short texts (3-14 words).",
         "",
