@@ -225,7 +225,8 @@ class MoEEncoder:
             if result is not None:
                 yield batch, result
                 continue
-            failed, budget = batch.cost(self._count_padding), max(1, batch.cost(self._count_padding) // 2)
+            failed = batch.cost(self._count_padding)
+            budget = max(1, failed // 2)
             if not warned:
                 warnings.warn(
                     f"out of memory at {failed} tokens: the rest of this call runs batches of at most "
@@ -242,12 +243,12 @@ class MoEEncoder:
 
     def _try_forward(self, ids: list[list[int]], batch: Batch, scoring: str):
         """The batch's (hs, rw), or None if it ran out of memory and can be split."""
-        if len(batch.indices) == 1:  # nothing smaller to retry: the error goes to the caller
-            return self._forward([ids[i] for i in batch.indices], scoring)
+        seqs = [ids[i] for i in batch.indices]
         try:
-            return self._forward([ids[i] for i in batch.indices], scoring)
+            return self._forward(seqs, scoring)
         except torch.OutOfMemoryError:
-            pass
+            if len(seqs) == 1:  # nothing smaller to retry: the error goes to the caller
+                raise
         # Freed here, outside the handler: its traceback pins the failed forward's activations.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

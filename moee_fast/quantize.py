@@ -62,11 +62,6 @@ def with_quantization(hf_kwargs: dict, quantize: str | None, device: torch.devic
     return hf_kwargs
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether any module of `model` holds bitsandbytes weights."""
-    return any(_is_bnb_module(module) for module in model.modules())
-
-
 def _is_bnb_module(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes.")
 
