@@ -70,6 +70,18 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const c10
   }
   return y;
 }
+
+// The panel GEMMs' instruction set, "avx512" or "avx2" (after switching to `use`, when given): for
+// tests and benchmarks, which compare the two; both give bitwise the same results.
+std::string cpu_isa(const c10::optional<std::string>& use) {
+  using moee_fast::CpuIsa;
+  if (use.has_value()) {
+    TORCH_CHECK(*use == "avx2" || *use == "avx512", "cpu_isa: expected 'avx2' or 'avx512', got '", *use, "'");
+    TORCH_CHECK(*use == "avx2" || moee_fast::cpu_has_avx512(), "cpu_isa: this CPU has no AVX-512");
+    moee_fast::active_isa().store(static_cast<int>(*use == "avx512" ? CpuIsa::avx512 : CpuIsa::avx2));
+  }
+  return moee_fast::active_isa().load() == static_cast<int>(CpuIsa::avx512) ? "avx512" : "avx2";
+}
 #endif
 
 }  // namespace
@@ -78,6 +90,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const c10
 // Only AVX2 builds register it: elsewhere torch's own linear is the faster choice.
 TORCH_LIBRARY_FRAGMENT(moee_fast, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("cpu_isa(str? use=None) -> str", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(moee_fast, CPU, m) {

@@ -8,8 +8,8 @@ runs its two GEMMs and scatters its weighted output while that slice is still in
 The standard layout (SiLU gate, concatenated gate/up weights, no bias) on fp32 CPU tensors runs
 the fused C++ op torch.ops.moee_fast.moe_experts (csrc/moe_experts.cpp): the same per-expert
 steps with the experts shared among the threads, each running single-threaded GEMMs (its own
-AVX2 kernels, or ATen's matmul on other builds). Everything else runs `sorted_experts_python`,
-the readable reference of the same computation.
+AVX2 kernels, switching to AVX-512 ones where the CPU has them, or ATen's matmul on other builds).
+Everything else runs `sorted_experts_python`, the readable reference of the same computation.
 """
 
 from __future__ import annotations
