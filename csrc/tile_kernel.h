@@ -1,5 +1,5 @@
-// The register tiles every C++ GEMM-like loop here is built on (AVX2 + FMA builds only; the panel
-// GEMM switches to an AVX-512 tile at run time on CPUs that have it).
+// The register tiles every C++ GEMM-like loop here is built on (AVX2 + FMA builds only). Each has an
+// AVX-512 twin, chosen at run time on CPUs that have it, that gives bitwise the same results.
 #pragma once
 
 #include <algorithm>
@@ -19,8 +19,8 @@ namespace moee_fast {
 // accumulators stay in registers (MR <= 6 leaves room for the two b vectors and a broadcast);
 // rows past `rows` repeat the last row and are not stored.
 template <int MR>
-inline void tile_x16(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc, float* c,
-                     int64_t ldc, bool accumulate = false, const float* row_scale = nullptr) {
+inline void tile_x16_avx2(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc, float* c,
+                          int64_t ldc, bool accumulate, const float* row_scale) {
   static_assert(MR >= 1 && MR <= 6, "MR x 2 accumulators must fit the 16 vector registers");
   const float* ar[MR];
   __m256 lo[MR], hi[MR];
@@ -59,26 +59,14 @@ inline void tile_x16(const float* a, int64_t lda, int64_t rows, const float* b, 
   }
 }
 
-// GEMMs on panels: y = x W^T with the activations x packed k-major in panels of 16 rows
-// ([K][16]: one vector pair per k), so a tile_x16 multiplies 6 rows of W, read in place from the
-// [out, in] weight matrix, by one panel. Packing x is a transposing copy (free where x is gathered
-// anyway); BLAS would pack W instead, on every call.
-constexpr int64_t kNR = 16;   // rows of x per panel
-constexpr int64_t kMR = 6;    // rows of W per register tile
-constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in L1 across panels
-
 // ---- AVX-512, chosen at run time on CPUs that have it ----------------------------------------
-// A panel's 16 tokens fill one zmm register, so a tile holds MR weight rows x NP panels in MR*NP
-// accumulators (8 x 3 = 24 of the 32 registers), twice the FLOPs per instruction of the AVX2 tile.
-// Every C element is the same FMA chain over k, block by block, as in tile_x16: the two kernels
-// give bitwise the same result, so which one runs never changes an embedding.
 #define MOEE_FAST_AVX512 __attribute__((target("avx512f")))
 
 enum class CpuIsa : int { avx2 = 0, avx512 = 1 };
 
 inline bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f"); }
 
-// The panel GEMM in use: AVX-512 where the CPU (and OS) has it, unless MOEE_FAST_CPU_ISA=avx2.
+// The tiles in use: AVX-512 where the CPU (and OS) has it, unless MOEE_FAST_CPU_ISA=avx2.
 inline std::atomic<int>& active_isa() {
   static std::atomic<int> isa{[] {
     const char* forced = std::getenv("MOEE_FAST_CPU_ISA");
@@ -88,6 +76,54 @@ inline std::atomic<int>& active_isa() {
   return isa;
 }
 
+// tile_x16 with one zmm per row: the same FMA chain per element, half the FMA instructions.
+template <int MR>
+MOEE_FAST_AVX512 inline void tile_x16_512(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc,
+                                          float* c, int64_t ldc, bool accumulate, const float* row_scale) {
+  const float* ar[MR];
+  __m512 acc[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    ar[r] = a + (r < rows ? r : rows - 1) * lda;
+    acc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k, b += ldb) {
+    const __m512 bv = _mm512_loadu_ps(b);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ar[r][k]), bv, acc[r]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;
+    __m512 v = row_scale ? _mm512_mul_ps(acc[r], _mm512_set1_ps(row_scale[r])) : acc[r];
+    float* cr = c + r * ldc;
+    if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(cr));
+    _mm512_storeu_ps(cr, v);
+  }
+}
+
+template <int MR>
+inline void tile_x16(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc, float* c,
+                     int64_t ldc, bool accumulate = false, const float* row_scale = nullptr) {
+  if (active_isa().load(std::memory_order_relaxed) == static_cast<int>(CpuIsa::avx512))
+    tile_x16_512<MR>(a, lda, rows, b, ldb, kc, c, ldc, accumulate, row_scale);
+  else
+    tile_x16_avx2<MR>(a, lda, rows, b, ldb, kc, c, ldc, accumulate, row_scale);
+}
+
+// GEMMs on panels: y = x W^T with the activations x packed k-major in panels of 16 rows
+// ([K][16]: one vector pair per k), so a tile_x16 multiplies 6 rows of W, read in place from the
+// [out, in] weight matrix, by one panel. Packing x is a transposing copy (free where x is gathered
+// anyway); BLAS would pack W instead, on every call.
+constexpr int64_t kNR = 16;   // rows of x per panel
+constexpr int64_t kMR = 6;    // rows of W per register tile
+constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in L1 across panels
+
+// The AVX-512 panel tile: a panel's 16 tokens fill one zmm register, so a tile holds MR weight rows x NP panels in MR*NP
+// accumulators (8 x 3 = 24 of the 32 registers), twice the FLOPs per instruction of the AVX2 tile.
+// Every C element is the same FMA chain over k, block by block, as in tile_x16: the two kernels
+// give bitwise the same result, so which one runs never changes an embedding.
+//
 // C tile (panel j at c + j * c_panel, row r at + r * 16) = the MR x NP product over kc, added to C
 // when accumulate; rows past `rows` repeat the last row and are not stored.
 template <int MR, int NP>
@@ -152,8 +188,8 @@ inline void gemm_panels(const float* W, int64_t M, int64_t K, const float* B, in
     const int64_t kc = std::min(kKC, K - kb);
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
       for (int64_t p = 0; p < panels; ++p)
-        tile_x16<kMR>(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kNR, kc,
-                      C + p * M * kNR + m0 * kNR, kNR, kb > 0);
+        tile_x16_avx2<kMR>(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kNR, kc,
+                      C + p * M * kNR + m0 * kNR, kNR, kb > 0, nullptr);
   }
 }
 

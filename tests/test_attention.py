@@ -23,22 +23,26 @@ def float64_attention(q, k, v, lengths, scale, window):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize(
-    "lengths,heads,kv_heads,dim,window",
-    [
-        ([1, 17, 5, 31, 2], 4, 4, 64, 0),  # short texts, the common case
-        ([70, 130, 3], 4, 2, 24, 0),  # grouped-query heads; several query blocks per text
-        ([200, 1, 99], 2, 1, 128, 5),  # sliding window, head_dim of two 64-wide slices
-        ([300], 3, 3, 72, 0),  # head_dim with a remainder slice
-        ([0, 9, 0, 4], 2, 2, 20, 1),  # empty texts, head_dim not a multiple of 8, window of one
-    ],
-)
-def test_matches_float64(lengths, heads, kv_heads, dim, window):
+CASES = [  # lengths, heads, kv_heads, dim, window
+    ([1, 17, 5, 31, 2], 4, 4, 64, 0),  # short texts, the common case
+    ([70, 130, 3], 4, 2, 24, 0),  # grouped-query heads; several query blocks per text
+    ([200, 1, 99], 2, 1, 128, 5),  # sliding window, head_dim of two 64-wide slices
+    ([300], 3, 3, 72, 0),  # head_dim with a remainder slice
+    ([0, 9, 0, 4], 2, 2, 20, 1),  # empty texts, head_dim not a multiple of 8, window of one
+]
+
+
+def attention_inputs(lengths, heads, kv_heads, dim):
     g = torch.Generator().manual_seed(sum(lengths))
     n = sum(lengths)
     q = torch.randn(n, heads, dim, generator=g) * 2
     k, v = (torch.randn(n, kv_heads, dim, generator=g) for _ in range(2))
-    cu = torch.tensor([0] + lengths).cumsum(0)
+    return q, k, v, torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", CASES)
+def test_matches_float64(lengths, heads, kv_heads, dim, window):
+    q, k, v, cu = attention_inputs(lengths, heads, kv_heads, dim)
     out = torch.ops.moee_fast.packed_causal_attention(q, k, v, cu, 0.3, window)
     assert out.shape == q.shape and out.dtype == torch.float32 and not out.isnan().any()
     torch.testing.assert_close(out.double(), float64_attention(q, k, v, lengths, 0.3, window), rtol=1e-5, atol=1e-5)

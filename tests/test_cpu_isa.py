@@ -1,4 +1,4 @@
-"""The C++ panel GEMMs on each instruction set the CPU has (AVX2, and AVX-512 where present):
+"""The C++ GEMM tiles (experts, linear, attention) on each instruction set the CPU has (AVX2, and AVX-512 where present):
 each against float64, and the two bitwise equal, so the one chosen at run time never changes an
 embedding."""
 
@@ -8,6 +8,7 @@ import torch
 from moee_fast import MoEEncoder
 from moee_fast.fastpath import linears
 from conftest import random_texts, relative_error
+from test_attention import CASES, attention_inputs, float64_attention
 from test_experts import inputs, reference
 
 pytestmark = pytest.mark.skipif(not linears.available(), reason="C++ panel GEMMs not built (needs an x86-64 AVX2 build)")
@@ -73,6 +74,15 @@ def test_linear_matches_float64(isa, shape):
     assert relative_error(y, x.double() @ w.double().T + b.double()).max() <= 1e-6
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", CASES)
+def test_attention_matches_float64(isa, lengths, heads, kv_heads, dim, window):
+    q, k, v, cu = attention_inputs(lengths, heads, kv_heads, dim)
+    out = torch.ops.moee_fast.packed_causal_attention(q, k, v, cu, 0.3, window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), float64_attention(q, k, v, lengths, 0.3, window), rtol=1e-5, atol=1e-5)
+
+
 needs_avx512 = pytest.mark.skipif(linears.available() and not _has_avx512(), reason="this CPU has no AVX-512: nothing to compare")
 
 
@@ -93,6 +103,14 @@ def test_linear_bitwise_equal_across_isas(shape):
     x, w = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
     assert torch.equal(run_on("avx2", torch.ops.moee_fast.linear, x, w, None),
                        run_on("avx512", torch.ops.moee_fast.linear, x, w, None))
+
+
+@needs_avx512
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", CASES)
+def test_attention_bitwise_equal_across_isas(lengths, heads, kv_heads, dim, window):
+    args = (*attention_inputs(lengths, heads, kv_heads, dim), 0.3, window)
+    assert torch.equal(run_on("avx2", torch.ops.moee_fast.packed_causal_attention, *args),
+                       run_on("avx512", torch.ops.moee_fast.packed_causal_attention, *args))
 
 
 @needs_avx512
