@@ -22,6 +22,8 @@ from conftest import random_texts, relative_error
 from deepseek_reference import write_checkpoint
 from moee_fast import MoEEncoder
 from moee_fast.quantize import avoid_unsupported_cpu_packing, quantization_config
+from moee_fast.quantized_experts import QuantizedExperts, quantized_nbytes
+from test_quant_experts import assert_slot_is_bitsandbytes_own, dequantize_reference, expected_quantized_bytes
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
 
@@ -39,17 +41,23 @@ def quiet_transformers():
     hf_logging.set_verbosity(level)
 
 
-def transformers_reference(path, method, texts):
-    """HS and RW from transformers' eager forward of the model quantized by transformers, each text
-    alone: last_hidden_state at the last position, fp32 softmax of each recorded router row."""
-    from transformers import AutoModel, AutoTokenizer
+def transformers_quantized(path, method):
+    """The model as transformers' own bitsandbytes integration loads it (linears quantized, routed
+    experts in fp32), eager attention and experts."""
+    from transformers import AutoModel, BitsAndBytesConfig
 
+    config = BitsAndBytesConfig.from_dict(quantization_config(method).to_dict())  # the same settings, transformers' class
     model = AutoModel.from_pretrained(
-        path, quantization_config=quantization_config(method), device_map="cpu", dtype=torch.float32,
-        attn_implementation="eager",
+        path, quantization_config=config, device_map="cpu", dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager",
     ).eval()
     avoid_unsupported_cpu_packing(model)  # the kernel bitsandbytes picks, not the arithmetic
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model
+
+
+def forward_each_alone(model, tokenizer, texts):
+    """HS and RW from transformers' forward, each text alone: last_hidden_state at the last
+    position, fp32 softmax of each recorded router row."""
     hs, rw = [], []
     with torch.no_grad():
         for text in texts:
@@ -57,6 +65,27 @@ def transformers_reference(path, method, texts):
             hs.append(out.last_hidden_state[0, -1].float())
             rw.append(torch.stack([torch.softmax(logits[-1].float(), dim=-1) for logits in out.router_logits]))
     return torch.stack(hs), torch.stack(rw)
+
+
+def decode_experts_into(reference, encoder_model):
+    """Give each of the reference's fp32 experts the encoder's quantized experts, decoded in
+    float64 from their bytes, after checking those bytes are bitsandbytes' own quantization of the
+    reference's (the checkpoint's) weights, expert by expert and matrix by matrix."""
+    quantized = dict(encoder_model.named_modules())
+    count = 0
+    for name, experts in reference.named_modules():
+        if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            continue
+        target, inter = quantized[name], experts.gate_up_proj.shape[1] // 2
+        with torch.no_grad():
+            for e in range(experts.gate_up_proj.shape[0]):
+                for matrices, weight in ((target.gate, experts.gate_up_proj[e, :inter]), (target.up, experts.gate_up_proj[e, inter:]),
+                                         (target.down, experts.down_proj[e])):
+                    assert_slot_is_bitsandbytes_own(matrices, e, weight)
+                experts.gate_up_proj[e] = torch.cat([dequantize_reference(target.gate, e), dequantize_reference(target.up, e)])
+                experts.down_proj[e] = dequantize_reference(target.down, e)
+        count += 1
+    assert count > 0
 
 
 def assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed):
@@ -114,24 +143,44 @@ def test_quantize_and_quantization_config_conflict(checkpoint):
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_quantized_matches_transformers_forward(checkpoint, family, method):
+    """Linears quantized by transformers, routed experts by moee-fast: HS and RW equal transformers'
+    eager forward of its own quantized model whose experts hold the encoder's decoded ones."""
     path = checkpoint(family)
     texts = random_texts(9, seed=21, max_words=90)
-    ref_hs, ref_rw = transformers_reference(path, method, texts)
-
     enc = MoEEncoder.from_pretrained(path, device="cpu", quantize=method)
+    reference = transformers_quantized(path, method)
+    fp32_experts_hs, fp32_experts_rw = forward_each_alone(reference, enc.tokenizer, texts)
+    decode_experts_into(reference, enc.model)
+    ref_hs, ref_rw = forward_each_alone(reference, enc.tokenizer, texts)
+
     linear_type = bnb.nn.Linear4bit if method == "nf4" else bnb.nn.Linear8bitLt
     quantized = [m for m in enc.model.modules() if isinstance(m, linear_type)]
     assert quantized and all("forward" not in vars(m) for m in quantized)  # no fast-path patch on them
     assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=family + method)
+    # the experts' quantization shows: the same model with fp32 experts lies outside the bounds
+    got = enc.encode(texts)
+    assert relative_error(got.hs, fp32_experts_hs).median() > MOVED
+    assert relative_error(got.rw, fp32_experts_rw).median() > MOVED
     assert_quantization_moved_it(path, texts, ref_hs, ref_rw)
 
 
-def test_routed_experts_stay_in_the_load_dtype(checkpoint):
-    """transformers v5 quantizes nn.Linear modules only; its stacked experts are 3-D parameters."""
-    enc = MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4")
-    experts = enc.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float32
-    assert enc.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_routed_experts_are_quantized(checkpoint, family, method):
+    """No floating-point 3-D expert tensor is left, the experts hold their computed quantized size,
+    and the fast path says what it did with them."""
+    from moee_fast.fastpath.experts import QUANTIZED_REASON
+
+    enc = MoEEncoder.from_pretrained(checkpoint(family), device="cpu", quantize=method)
+    tensors = list(enc.model.named_parameters()) + list(enc.model.named_buffers())
+    assert not [name for name, t in tensors if t.dim() == 3 and t.is_floating_point()]
+    experts = [(name, m) for name, m in enc.model.named_modules() if isinstance(m, QuantizedExperts)]
+    assert experts
+    for name, module in experts:
+        assert quantized_nbytes(module) == expected_quantized_bytes(module.num_experts, module.gate.cols, module.gate.rows, method)
+    report = next(r for r in enc.fast_path.reports if r.part == "experts")
+    assert sorted(report.skipped[QUANTIZED_REASON]) == sorted(name for name, _ in experts)
+    assert QUANTIZED_REASON in str(enc.fast_path)
 
 
 # --- DeepSeekMoE, loaded natively -----------------------------------------------------------
