@@ -11,7 +11,7 @@ built here (`ExpertsBitsAndBytesConfig`) select a quantizer that also stores eve
 up and down matrix in 4 or 8 bits, as the per-expert linears of the paper's runs held them
 (moee_fast.quantized_experts), each stacked tensor quantized as it is loaded. Routers, norms and
 embeddings stay in the load dtype. DeepSeekMoE, loaded natively, quantizes its `nn.Linear`
-weights as they stream in (`quantize_linears`, `quantized_weight`).
+weights and each expert's matrices as they stream in (`quantize_linears`, `store_quantized`).
 """
 
 from __future__ import annotations
@@ -93,25 +93,17 @@ class _ExpertsQuantizer:
     expert by expert as it arrives (one layer's tensor in memory at a time) and never kept."""
 
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
-        from transformers.quantizers.quantizers_utils import should_convert_module
-
-        from .quantized_experts import make_quantized, quantizable_experts
-
         super()._process_model_before_weight_loading(model, device_map, **kwargs)
-        config = self.quantization_config
-        method = config.bnb_4bit_quant_type if config.load_in_4bit else "int8"
-        for name, module in model.named_modules():
-            if quantizable_experts(module) and should_convert_module(name, self.modules_to_not_convert):
-                make_quantized(module, method, double_quant=config.bnb_4bit_use_double_quant)
+        quantize_experts_modules(model, self.quantization_config, skip=self.modules_to_not_convert)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         from transformers.quantizers.quantizers_utils import get_module_from_name
 
-        from .quantized_experts import EXPERT_WEIGHTS, is_quantized_experts
+        from .quantized_experts import is_quantized_experts
 
         module, attr = get_module_from_name(model, param_name)
         if is_quantized_experts(module):
-            return attr in EXPERT_WEIGHTS
+            return needs_quantized_weight(module, attr)
         return super().param_needs_quantization(model, param_name, **kwargs)
 
     def get_quantize_ops(self):
@@ -166,15 +158,46 @@ def _is_bnb_module(module: nn.Module) -> bool:
 
 def quantize_linears(model: nn.Module, config) -> nn.Module:
     """Replace every `nn.Linear` of a model built on the meta device with its bitsandbytes module
-    (transformers' own replacement), before any weight is loaded."""
+    (transformers' own replacement), and make every stacked experts module a QuantizedExperts,
+    before any weight is loaded."""
     require_quant_extras()
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    return replace_with_bnb_linear(model, quantization_config=config)
+    model = replace_with_bnb_linear(model, quantization_config=config)
+    quantize_experts_modules(model, config)
+    return model
+
+
+def quantize_experts_modules(model: nn.Module, config, skip: list[str] | None = None) -> None:
+    """Every stacked experts module not named by `skip` (transformers' module patterns) becomes a
+    QuantizedExperts with the config's method: its bnb_4bit_quant_type, or "int8"."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from .quantized_experts import make_quantized, quantizable_experts
+
+    method = config.bnb_4bit_quant_type if config.load_in_4bit else "int8"
+    for name, module in model.named_modules():
+        if quantizable_experts(module) and should_convert_module(name, skip):
+            make_quantized(module, method, double_quant=config.bnb_4bit_use_double_quant)
 
 
 def needs_quantized_weight(module: nn.Module, attr: str) -> bool:
+    from .quantized_experts import EXPERT_WEIGHTS, is_quantized_experts
+
+    if is_quantized_experts(module):
+        return attr in EXPERT_WEIGHTS
     return attr == "weight" and _is_bnb_module(module)
+
+
+def store_quantized(module: nn.Module, attr: str, index: tuple | None, tensor: torch.Tensor, device: torch.device) -> None:
+    """Quantize one checkpoint tensor into `module`: a bitsandbytes linear's weight, or the slice
+    `index` of a QuantizedExperts' stacked weight (one expert's gate, up or down matrix)."""
+    from .quantized_experts import is_quantized_experts
+
+    if is_quantized_experts(module):
+        module.store_expert(attr, index, tensor.to(device))
+    else:
+        module._parameters[attr] = quantized_weight(module._parameters[attr], tensor, device)
 
 
 def quantized_weight(placeholder: nn.Parameter, tensor: torch.Tensor, device: torch.device) -> nn.Parameter:

@@ -143,15 +143,24 @@ class QuantizedExperts(nn.Module):
 
     @torch.no_grad()
     def store_stacked(self, attr: str, stacked: torch.Tensor) -> None:
-        """Quantize a checkpoint's stacked `gate_up_proj` [E, 2I, H] or `down_proj` [E, H, I] expert by
-        expert; the stacked parameter it stood for is gone afterwards."""
+        """Quantize a stacked `gate_up_proj` [E, 2I, H] or `down_proj` [E, H, I] expert by expert."""
         rows = self.gate.rows
         for expert in range(stacked.shape[0]):
             if attr == "gate_up_proj":
-                self.gate.store(expert, stacked[expert, :rows])
-                self.up.store(expert, stacked[expert, rows:])
+                self.store_expert(attr, (expert, slice(0, rows)), stacked[expert, :rows])
+                self.store_expert(attr, (expert, slice(rows, 2 * rows)), stacked[expert, rows:])
             else:
-                self.down.store(expert, stacked[expert])
+                self.store_expert(attr, (expert,), stacked[expert])
+
+    @torch.no_grad()
+    def store_expert(self, attr: str, index: tuple, weight: torch.Tensor) -> None:
+        """Quantize one expert's matrix, the slice `index` of the stacked `attr` ((expert, gate or up
+        rows) of gate_up_proj, (expert,) of down_proj); the stacked parameter is dropped."""
+        if attr == "down_proj":
+            matrices = self.down
+        else:
+            matrices = self.gate if index[1].start == 0 else self.up
+        matrices.store(index[0], weight)
         self._parameters.pop(attr, None)
 
 

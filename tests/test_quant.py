@@ -165,13 +165,14 @@ def test_quantized_matches_transformers_forward(checkpoint, family, method):
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
-@pytest.mark.parametrize("family", HF_FAMILIES)
-def test_routed_experts_are_quantized(checkpoint, family, method):
+@pytest.mark.parametrize("family", HF_FAMILIES + ["deepseek"])
+def test_routed_experts_are_quantized(checkpoint, request, family, method):
     """No floating-point 3-D expert tensor is left, the experts hold their computed quantized size,
     and the fast path says what it did with them."""
     from moee_fast.fastpath.experts import QUANTIZED_REASON
 
-    enc = MoEEncoder.from_pretrained(checkpoint(family), device="cpu", quantize=method)
+    path = request.getfixturevalue("deepseek_path") if family == "deepseek" else checkpoint(family)
+    enc = MoEEncoder.from_pretrained(path, device="cpu", quantize=method)
     tensors = list(enc.model.named_parameters()) + list(enc.model.named_buffers())
     assert not [name for name, t in tensors if t.dim() == 3 and t.is_floating_point()]
     experts = [(name, m) for name, m in enc.model.named_modules() if isinstance(m, QuantizedExperts)]
@@ -193,7 +194,8 @@ def deepseek_path(tmp_path_factory, tokenizer_corpus):
 
 def quantize_after_plain_load(path, method):
     """The reference: a plain fp32 load, then every nn.Linear swapped for its bitsandbytes module
-    built directly from bitsandbytes (not through moee-fast or transformers)."""
+    built directly from bitsandbytes (not through moee-fast or transformers); its routed experts
+    stay fp32 until `decode_experts_into`."""
     from moee_fast.models import load_deepseek
 
     model = load_deepseek(path, dtype=torch.float32, device="cpu")
@@ -248,8 +250,11 @@ def test_deepseek_streamed_quantization_matches_quantizing_after_load(deepseek_p
     for name in expected:  # the same bits, whether quantized as read or after a full load
         assert torch.equal(streamed[name].view(torch.uint8), expected[name].view(torch.uint8)), name
 
+    fp32_experts_hs, _ = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
+    decode_experts_into(reference, enc.model)  # the experts too: bitsandbytes' bytes of the streamed weights
     ref_hs, ref_rw = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
     assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=method)
+    assert relative_error(enc.encode(texts).hs, fp32_experts_hs).median() > MOVED
     assert_quantization_moved_it(deepseek_path, texts, ref_hs, ref_rw)
 
 
