@@ -43,12 +43,13 @@ def quiet_transformers():
 
 def transformers_quantized(path, method):
     """The model as transformers' own bitsandbytes integration loads it (linears quantized, routed
-    experts in fp32), eager attention and experts."""
+    experts in fp32), eager attention and experts; `method` is "nf4", "int8" or a BitsAndBytesConfig."""
     from transformers import AutoModel, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig.from_dict(quantization_config(method).to_dict())  # the same settings, transformers' class
+    if isinstance(method, str):  # the same settings as moee-fast's, in transformers' own class
+        method = BitsAndBytesConfig.from_dict(quantization_config(method).to_dict())
     model = AutoModel.from_pretrained(
-        path, quantization_config=config, device_map="cpu", dtype=torch.float32, attn_implementation="eager",
+        path, quantization_config=method, device_map="cpu", dtype=torch.float32, attn_implementation="eager",
         experts_implementation="eager",
     ).eval()
     avoid_unsupported_cpu_packing(model)  # the kernel bitsandbytes picks, not the arithmetic
@@ -130,6 +131,22 @@ def test_missing_extra_is_named(checkpoint, monkeypatch, module):
         MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize="int8")
     with pytest.raises(ImportError, match=r"pip install moee-fast\[quant\]"):
         MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantization_config=config)
+
+
+def test_a_users_bitsandbytes_config_quantizes_the_experts_with_its_settings(checkpoint):
+    """FP4 without double quantization (BitsAndBytesConfig's defaults): the experts take them too."""
+    from transformers import BitsAndBytesConfig
+
+    enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    reference = transformers_quantized(checkpoint("olmoe"), BitsAndBytesConfig(load_in_4bit=True))
+    experts = enc.model.layers[1].mlp.experts
+    assert experts.gate.method == "fp4" and not experts.gate.double_quant and not hasattr(experts.gate, "nested_absmax")
+    weights = reference.layers[1].mlp.experts
+    inter = weights.gate_up_proj.shape[1] // 2
+    for e in range(weights.gate_up_proj.shape[0]):
+        assert_slot_is_bitsandbytes_own(experts.up, e, weights.gate_up_proj[e, inter:])
+        assert_slot_is_bitsandbytes_own(experts.down, e, weights.down_proj[e])
+    assert torch.isfinite(enc.encode(random_texts(4, seed=3)).hs).all()
 
 
 def test_quantize_and_quantization_config_conflict(checkpoint):
@@ -340,7 +357,8 @@ def test_readme_memory_table_is_the_computed_one():
     sizes = load_model_sizes()
     mixtral = sizes.sizes(sizes.REAL_MODELS[0])
     assert mixtral["params"] == 46_702_792_704 - 32000 * 4096  # Mixtral-8x7B's published count, less its LM head
-    assert mixtral["nf4 every linear"] < mixtral["int8 every linear"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
+    assert mixtral["nf4 moee-fast"] < mixtral["int8 moee-fast"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
+    assert 0 < mixtral["nf4 moee-fast"] - mixtral["nf4 every linear"] < 1e-3 * mixtral["nf4 every linear"]  # routers bf16
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]

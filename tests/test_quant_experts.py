@@ -36,24 +36,26 @@ def dequantize_reference(matrices: QuantizedMatrices, index: int) -> torch.Tenso
     return values.reshape(rows, cols)
 
 
-def bitsandbytes_parameter(weight: torch.Tensor, method: str):
-    """What a per-expert Linear4bit (NF4, double quantization) / Linear8bitLt holds for `weight`."""
-    if method == "nf4":
-        return bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
-    return bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+def bitsandbytes_parameter(weight: torch.Tensor, matrices: QuantizedMatrices):
+    """What a per-expert Linear4bit / Linear8bitLt with the settings of `matrices` holds for `weight`."""
+    if matrices.method == "int8":
+        return bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    return bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=matrices.method,
+                             compress_statistics=matrices.double_quant).to("cpu")
 
 
 def assert_slot_is_bitsandbytes_own(matrices: QuantizedMatrices, index: int, weight: torch.Tensor) -> None:
     """The packed bytes and statistics of slot `index` equal bitsandbytes' own parameter's, bit for bit."""
-    param = bitsandbytes_parameter(weight, matrices.method)
+    param = bitsandbytes_parameter(weight, matrices)
     if matrices.method == "int8":
         assert torch.equal(matrices.data[index], param.data) and torch.equal(matrices.scale[index], param.SCB)
         return
     state = param.quant_state
-    assert torch.equal(matrices.data[index], param.data.view(-1))
-    assert torch.equal(matrices.absmax[index], state.absmax) and torch.equal(matrices.offset[index], state.offset)
-    assert torch.equal(matrices.nested_absmax[index], state.state2.absmax)
-    assert torch.equal(matrices.code, state.code) and torch.equal(matrices.nested_code, state.state2.code)
+    assert torch.equal(matrices.data[index], param.data.view(-1)) and torch.equal(matrices.code, state.code)
+    assert torch.equal(matrices.absmax[index], state.absmax)
+    if matrices.double_quant:
+        assert torch.equal(matrices.offset[index], state.offset) and torch.equal(matrices.nested_absmax[index], state.state2.absmax)
+        assert torch.equal(matrices.nested_code, state.state2.code)
 
 
 @pytest.mark.parametrize("method", METHODS)
