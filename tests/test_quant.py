@@ -201,6 +201,32 @@ def test_routed_experts_are_quantized(checkpoint, request, family, method):
     assert QUANTIZED_REASON in str(enc.fast_path)
 
 
+def test_experts_are_quantized_while_loading(checkpoint, monkeypatch):
+    """transformers' loader hands each layer's stacked tensor to the quantizer one at a time: each
+    is quantized before the next is read, and the stacked parameter never lands in the model."""
+    seen = []
+    original = QuantizedExperts.store_stacked
+
+    def recording(self, attr, stacked):
+        ready = [m.gate.allocated and m.down.allocated for m in experts_modules]
+        seen.append((attr, tuple(stacked.shape), stacked.is_meta, sum(ready)))
+        original(self, attr, stacked)
+        assert attr not in self._parameters
+
+    experts_modules = []
+    monkeypatch.setattr(QuantizedExperts, "store_stacked", recording)
+    from moee_fast import quantized_experts
+
+    make = quantized_experts.make_quantized
+    monkeypatch.setattr(quantized_experts, "make_quantized", lambda module, *a, **kw: (make(module, *a, **kw), experts_modules.append(module)))
+    MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4")
+    layers = len(experts_modules)
+    assert layers == 3 and len(seen) == 2 * layers
+    assert all(not is_meta and shape[0] == 8 for _, shape, is_meta, _ in seen)
+    assert [ready for *_, ready in seen] == sorted(ready for *_, ready in seen)  # layer after layer
+    assert seen[0][3] == 0 and seen[-1][3] == layers - 1
+
+
 # --- DeepSeekMoE, loaded natively -----------------------------------------------------------
 
 

@@ -86,7 +86,9 @@ def sorted_experts_loop(self, hidden_states, top_k_index, top_k_weights, gate_up
 def install(model: nn.Module) -> PartReport:
     """Run every experts module through `sorted_experts_forward` (registered as "moee_sorted"), on
     CPU only: on CUDA transformers' own grouped kernels run the experts. The implementation is
-    chosen per model, so one unpatchable experts module keeps the whole model on its own."""
+    chosen per model, so one unpatchable experts module keeps the whole model on its own; quantized
+    experts (moee_fast.quantized_experts) run the same loop through their own forward, and are
+    named in the report."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     report = PartReport("experts", f"{NAME} (C++ moe_experts on fp32 CPU, per-expert torch loop otherwise)")
