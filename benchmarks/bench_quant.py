@@ -7,7 +7,9 @@ the checkpoint and encodes the same seeded corpus (benchmarks/corpus.py); it rep
 - resident: resident memory after the load, above that same baseline,
 - anon load peak / anon resident: the same for anonymous memory only (RssAnon, sampled every
   2 ms during the load): tensors and heap, without the page cache of the memory-mapped
-  checkpoint that the two above count,
+  checkpoint that the two above count; glibc returns freed large blocks during the load, so
+  transient tensors do not stay counted. Both include the process's fixed growth while loading
+  (tokenizer, lazily imported libraries: 30-45 MiB here),
 - weights: the bytes of the loaded parameters and buffers (quantized storage, routed experts
   included),
 - encode throughput (texts/s, tokens/s) of one timed pass after a warm-up batch,
@@ -32,7 +34,7 @@ PRECISIONS = ("fp32", "bf16", "nf4", "int8")
 
 PROBE = textwrap.dedent(
     """
-    import json, resource, sys, threading, time, torch, transformers
+    import ctypes, ctypes.util, json, resource, sys, threading, time, torch, transformers
     from safetensors.torch import save_file
     from moee_fast import MoEEncoder, models, quantize  # every import done before the baseline
     import bitsandbytes, accelerate
@@ -53,6 +55,14 @@ PROBE = textwrap.dedent(
         while not done.wait(0.002):
             peak[0] = max(peak[0], anon_bytes())
 
+    # glibc keeps freed blocks below its (self-raising) mmap threshold for reuse, which would show the
+    # load's transient tensors as resident for good: during the load, blocks of 256 KiB and more get
+    # their own mappings and go back to the OS when freed (then the default ceiling again, for speed).
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+
     path, precision, out_path, _, n_texts = sys.argv[1:6]
     baseline, anon_baseline = resident_bytes(), anon_bytes()
     anon_peak, loaded = [anon_baseline], threading.Event()
@@ -66,6 +76,7 @@ PROBE = textwrap.dedent(
     load_seconds = time.perf_counter() - start
     loaded.set()
     sampler.join()
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     anon_peak, anon_resident = max(anon_peak[0], anon_bytes()) - anon_baseline, anon_bytes() - anon_baseline
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     resident = resident_bytes() - baseline
