@@ -133,6 +133,10 @@ class QuantizedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         from .fastpath.experts import sorted_experts_loop
 
+        empty = [name for name in ("gate", "up", "down") if not getattr(self, name).allocated]
+        if empty:  # their checkpoint tensors never arrived (transformers lists them as missing keys)
+            raise ValueError(f"quantized experts {type(self).__name__}: no weights were loaded for {', '.join(empty)}")
+
         return sorted_experts_loop(self, hidden_states, top_k_index, top_k_weights,
                                    lambda e: self.dequantized_gate_up(e, hidden_states.dtype),
                                    lambda e: self.down.dequantize(e, hidden_states.dtype))

@@ -83,6 +83,14 @@ def test_wrong_shape_names_the_expert():
         matrices.store(2, torch.randn(64, 8))
 
 
+def test_experts_without_weights_refuse_to_run():
+    module = _Experts(4, 16, 8)
+    make_quantized(module, "nf4")
+    module.store_stacked("down_proj", torch.randn(4, 16, 8))
+    with pytest.raises(ValueError, match="no weights were loaded for gate, up"):
+        module(torch.randn(3, 16), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+
+
 class _Experts(torch.nn.Module):
     """transformers' stacked experts layout with its eager per-expert forward, for the module tests."""
 
