@@ -113,17 +113,19 @@ class QuantizedMatrices(nn.Module):
         return self._decode_4bit(index).to(dtype)
 
     def _decode_4bit(self, index: int) -> torch.Tensor:
-        """fp32 decoding: each nibble (high first) looked up in the code, times its block's absmax."""
+        """fp32 decoding: each byte looked up as its two values (high nibble first), times its
+        block's absmax."""
         size = self.rows * self.cols
         absmax = self.absmax[index]
         if self.double_quant:
             nested = self.nested_absmax[index].repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
             absmax = self.nested_code[absmax.long()] * nested + self.offset[index]
-        packed = self.data[index]
-        nibbles = torch.stack([packed >> 4, packed & 15], dim=-1).view(-1).long()
-        padded = torch.zeros(absmax.numel() * self.blocksize, dtype=torch.float32, device=packed.device)
-        padded[:size] = self.code[nibbles[:size]]
-        return (padded.view(-1, self.blocksize) * absmax[:, None]).view(-1)[:size].view(self.rows, self.cols)
+        byte = torch.arange(256, device=self.code.device)
+        pairs = torch.stack([self.code[byte >> 4], self.code[byte & 15]], dim=1)  # byte -> its two values
+        values = pairs[self.data[index].long()].view(-1)[:size]
+        if size % self.blocksize:
+            values = torch.cat([values, values.new_zeros(absmax.numel() * self.blocksize - size)])
+        return (values.view(-1, self.blocksize) * absmax[:, None]).view(-1)[:size].view(self.rows, self.cols)
 
 
 class QuantizedExperts(nn.Module):
