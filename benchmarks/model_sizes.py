@@ -6,9 +6,12 @@ norms. Bytes per weight of a quantized linear, as bitsandbytes stores it:
 - NF4 with double quantization: 4 bits, plus one 8-bit absmax per 64 weights, plus one fp32
   scale per 256 absmax values: 0.5 + 1/64 + 4/(64*256) bytes;
 - int8 (LLM.int8()): 1 byte, plus one fp32 scale per output row.
-Everything else (embeddings, norms, and whatever stays unquantized) is bf16. Two settings:
-- "every linear": what the paper ran (transformers 4.x held each expert as nn.Linear modules);
-- "transformers 5": nn.Linear modules only; the stacked routed experts and the routers stay bf16.
+Everything else (embeddings, norms, and whatever stays unquantized) is bf16. Three settings:
+- "moee-fast": nn.Linear modules and every routed expert's matrices quantized; routers bf16;
+- "every linear": what the paper ran (transformers 4.x held each expert, and the router, as
+  nn.Linear modules);
+- "transformers 5": its bitsandbytes integration alone, nn.Linear modules only; the stacked
+  routed experts and the routers stay bf16.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def sizes(m: MoEShape) -> dict[str, float]:
     out = {"params": params, "bf16": other + sum(_bytes(g, "bf16") for g in groups.values())}
     for kind in ("nf4", "int8"):
         out[f"{kind} every linear"] = other + sum(_bytes(g, kind) for g in groups.values())
+        out[f"{kind} moee-fast"] = other + _bytes(groups["linear"] + groups["experts"], kind) + _bytes(groups["routers"], "bf16")
         out[f"{kind} transformers 5"] = other + _bytes(groups["linear"], kind) + _bytes(groups["experts"] + groups["routers"], "bf16")
     return out
 
@@ -88,15 +92,15 @@ def sizes(m: MoEShape) -> dict[str, float]:
 def markdown_table() -> str:
     gb = 1e9
     lines = [
-        "| model | parameters (no LM head) | bf16 | NF4, every linear (the paper's runs) | int8, every linear "
-        "| NF4, transformers 5 (experts bf16) | int8, transformers 5 (experts bf16) |",
+        "| model | parameters (no LM head) | bf16 | NF4, moee-fast | int8, moee-fast | NF4, the paper's runs (every linear) "
+        "| NF4, transformers 5 alone (experts bf16) |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in REAL_MODELS:
         s = sizes(m)
         lines.append(
-            f"| {m.name} | {s['params'] / 1e9:.2f} B | {s['bf16'] / gb:.1f} GB | {s['nf4 every linear'] / gb:.1f} GB | "
-            f"{s['int8 every linear'] / gb:.1f} GB | {s['nf4 transformers 5'] / gb:.1f} GB | {s['int8 transformers 5'] / gb:.1f} GB |"
+            f"| {m.name} | {s['params'] / 1e9:.2f} B | {s['bf16'] / gb:.1f} GB | {s['nf4 moee-fast'] / gb:.1f} GB | "
+            f"{s['int8 moee-fast'] / gb:.1f} GB | {s['nf4 every linear'] / gb:.1f} GB | {s['nf4 transformers 5'] / gb:.1f} GB |"
         )
     return "\n".join(lines)
 

@@ -6,12 +6,17 @@ moee-fast[quant]`: bitsandbytes and accelerate); without it the error names it.
 
 What gets quantized: transformers (v5) replaces `nn.Linear` modules with bitsandbytes ones, so
 attention projections, dense MLPs and shared experts are stored in 4 or 8 bits. The routed
-experts of today's MoE classes are stacked 3-D parameters, not `nn.Linear` modules: they stay in
-the load dtype, as do the routers, norms and embeddings. DeepSeekMoE, loaded natively, follows
-the same rule (`quantize_linears` before its weights stream in, `quantized_weight` per tensor).
+experts of today's MoE classes are stacked 3-D parameters, not `nn.Linear` modules; the configs
+built here (`ExpertsBitsAndBytesConfig`) select a quantizer that also stores every expert's gate,
+up and down matrix in 4 or 8 bits, as the per-expert linears of the paper's runs held them
+(moee_fast.quantized_experts), each stacked tensor quantized as it is loaded. Routers, norms and
+embeddings stay in the load dtype. DeepSeekMoE, loaded natively, quantizes its `nn.Linear`
+weights and each expert's matrices as they stream in (`quantize_linears`, `store_quantized`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -33,18 +38,102 @@ def require_quant_extras() -> None:
 
 
 def quantization_config(name: str):
-    """The BitsAndBytesConfig for "nf4" (the paper's: NF4, double quantization, bf16 compute) or "int8"."""
+    """The config for "nf4" (the paper's: NF4, double quantization, bf16 compute) or "int8", routed
+    experts included: an ExpertsBitsAndBytesConfig."""
     if name not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {name!r}")
     require_quant_extras()
-    from transformers import BitsAndBytesConfig
-
+    config_class = experts_config_class()
     if name == "nf4":
-        return BitsAndBytesConfig(
+        return config_class(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return config_class(load_in_8bit=True)
+
+
+def with_quantized_experts(config):
+    """A BitsAndBytesConfig as an ExpertsBitsAndBytesConfig (the same settings, routed experts
+    quantized too); any other config unchanged."""
+    from transformers import BitsAndBytesConfig
+
+    config_class = experts_config_class()
+    if type(config) is not BitsAndBytesConfig:
+        return config
+    return config_class.from_dict(config.to_dict())
+
+
+_QUANT_METHOD = "moee_bitsandbytes"
+
+
+@functools.cache
+def experts_config_class():
+    """ExpertsBitsAndBytesConfig, and its two transformers quantizers registered (once) under its
+    own quant_method, so plain BitsAndBytesConfig loads keep transformers' behaviour."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.auto import register_quantizer
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+    class ExpertsBitsAndBytesConfig(BitsAndBytesConfig):
+        """bitsandbytes' settings, applied to the routed experts' matrices as well."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.quant_method = f"{_QUANT_METHOD}_{'4bit' if self.load_in_4bit else '8bit'}"
+
+    for bits, base in (("4bit", Bnb4BitHfQuantizer), ("8bit", Bnb8BitHfQuantizer)):
+        register_quantizer(f"{_QUANT_METHOD}_{bits}")(type(f"Experts{base.__name__}", (_ExpertsQuantizer, base), {}))
+    return ExpertsBitsAndBytesConfig
+
+
+class _ExpertsQuantizer:
+    """Mixed into transformers' bitsandbytes quantizers: before loading, every stacked experts
+    module becomes a QuantizedExperts; while loading, each of its stacked tensors is quantized
+    expert by expert as it arrives (one layer's tensor in memory at a time) and never kept."""
+
+    def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+        super()._process_model_before_weight_loading(model, device_map, **kwargs)
+        quantize_experts_modules(model, self.quantization_config, skip=self.modules_to_not_convert)
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        from transformers.quantizers.quantizers_utils import get_module_from_name
+
+        from .quantized_experts import is_quantized_experts
+
+        module, attr = get_module_from_name(model, param_name)
+        if is_quantized_experts(module):
+            return needs_quantized_weight(module, attr)
+        return super().param_needs_quantization(model, param_name, **kwargs)
+
+    def get_quantize_ops(self):
+        return _experts_quantize_op(super().get_quantize_ops())
+
+    def is_serializable(self):
+        return False  # the quantized experts have no checkpoint layout
+
+
+def _experts_quantize_op(linears_op):
+    """transformers' quantize op for the bitsandbytes linears, extended to stacked experts."""
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers.quantizers_utils import get_module_from_name
+
+    from .quantized_experts import is_quantized_experts
+
+    class ExpertsQuantize(ConversionOps):
+        def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
+            rest = {}
+            for name, value in input_dict.items():
+                module, attr = get_module_from_name(model, name)
+                if not is_quantized_experts(module):
+                    rest[name] = value
+                    continue
+                module.store_stacked(attr, value[0] if isinstance(value, list) else value)
+                if missing_keys is not None:
+                    missing_keys.discard(name)  # stored in the quantized slots, not as a parameter
+            return linears_op.convert(rest, model=model, missing_keys=missing_keys, **kwargs) if rest else {}
+
+    return ExpertsQuantize()
 
 
 def with_quantization(hf_kwargs: dict, quantize: str | None, device: torch.device) -> dict:
@@ -57,6 +146,7 @@ def with_quantization(hf_kwargs: dict, quantize: str | None, device: torch.devic
     if hf_kwargs.get("quantization_config") is None:
         return hf_kwargs
     require_quant_extras()
+    hf_kwargs = {**hf_kwargs, "quantization_config": with_quantized_experts(hf_kwargs["quantization_config"])}
     if hf_kwargs.get("device_map") is None:
         hf_kwargs = {**hf_kwargs, "device_map": {"": str(device)}}
     return hf_kwargs
@@ -68,15 +158,46 @@ def _is_bnb_module(module: nn.Module) -> bool:
 
 def quantize_linears(model: nn.Module, config) -> nn.Module:
     """Replace every `nn.Linear` of a model built on the meta device with its bitsandbytes module
-    (transformers' own replacement), before any weight is loaded."""
+    (transformers' own replacement), and make every stacked experts module a QuantizedExperts,
+    before any weight is loaded."""
     require_quant_extras()
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    return replace_with_bnb_linear(model, quantization_config=config)
+    model = replace_with_bnb_linear(model, quantization_config=config)
+    quantize_experts_modules(model, config)
+    return model
+
+
+def quantize_experts_modules(model: nn.Module, config, skip: list[str] | None = None) -> None:
+    """Every stacked experts module not named by `skip` (transformers' module patterns) becomes a
+    QuantizedExperts with the config's method: its bnb_4bit_quant_type, or "int8"."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from .quantized_experts import make_quantized, quantizable_experts
+
+    method = config.bnb_4bit_quant_type if config.load_in_4bit else "int8"
+    for name, module in model.named_modules():
+        if quantizable_experts(module) and should_convert_module(name, skip):
+            make_quantized(module, method, double_quant=config.bnb_4bit_use_double_quant)
 
 
 def needs_quantized_weight(module: nn.Module, attr: str) -> bool:
+    from .quantized_experts import EXPERT_WEIGHTS, is_quantized_experts
+
+    if is_quantized_experts(module):
+        return attr in EXPERT_WEIGHTS
     return attr == "weight" and _is_bnb_module(module)
+
+
+def store_quantized(module: nn.Module, attr: str, index: tuple | None, tensor: torch.Tensor, device: torch.device) -> None:
+    """Quantize one checkpoint tensor into `module`: a bitsandbytes linear's weight, or the slice
+    `index` of a QuantizedExperts' stacked weight (one expert's gate, up or down matrix)."""
+    from .quantized_experts import is_quantized_experts
+
+    if is_quantized_experts(module):
+        module.store_expert(attr, index, tensor.to(device))
+    else:
+        module._parameters[attr] = quantized_weight(module._parameters[attr], tensor, device)
 
 
 def quantized_weight(placeholder: nn.Parameter, tensor: torch.Tensor, device: torch.device) -> nn.Parameter:

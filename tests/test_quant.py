@@ -22,6 +22,8 @@ from conftest import random_texts, relative_error
 from deepseek_reference import write_checkpoint
 from moee_fast import MoEEncoder
 from moee_fast.quantize import avoid_unsupported_cpu_packing, quantization_config
+from moee_fast.quantized_experts import QuantizedExperts, quantized_nbytes
+from test_quant_experts import assert_slot_is_bitsandbytes_own, dequantize_reference, expected_quantized_bytes
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
 
@@ -39,17 +41,24 @@ def quiet_transformers():
     hf_logging.set_verbosity(level)
 
 
-def transformers_reference(path, method, texts):
-    """HS and RW from transformers' eager forward of the model quantized by transformers, each text
-    alone: last_hidden_state at the last position, fp32 softmax of each recorded router row."""
-    from transformers import AutoModel, AutoTokenizer
+def transformers_quantized(path, method):
+    """The model as transformers' own bitsandbytes integration loads it (linears quantized, routed
+    experts in fp32), eager attention and experts; `method` is "nf4", "int8" or a BitsAndBytesConfig."""
+    from transformers import AutoModel, BitsAndBytesConfig
 
+    if isinstance(method, str):  # the same settings as moee-fast's, in transformers' own class
+        method = BitsAndBytesConfig.from_dict(quantization_config(method).to_dict())
     model = AutoModel.from_pretrained(
-        path, quantization_config=quantization_config(method), device_map="cpu", dtype=torch.float32,
-        attn_implementation="eager",
+        path, quantization_config=method, device_map="cpu", dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager",
     ).eval()
     avoid_unsupported_cpu_packing(model)  # the kernel bitsandbytes picks, not the arithmetic
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model
+
+
+def forward_each_alone(model, tokenizer, texts):
+    """HS and RW from transformers' forward, each text alone: last_hidden_state at the last
+    position, fp32 softmax of each recorded router row."""
     hs, rw = [], []
     with torch.no_grad():
         for text in texts:
@@ -57,6 +66,27 @@ def transformers_reference(path, method, texts):
             hs.append(out.last_hidden_state[0, -1].float())
             rw.append(torch.stack([torch.softmax(logits[-1].float(), dim=-1) for logits in out.router_logits]))
     return torch.stack(hs), torch.stack(rw)
+
+
+def decode_experts_into(reference, encoder_model):
+    """Give each of the reference's fp32 experts the encoder's quantized experts, decoded in
+    float64 from their bytes, after checking those bytes are bitsandbytes' own quantization of the
+    reference's (the checkpoint's) weights, expert by expert and matrix by matrix."""
+    quantized = dict(encoder_model.named_modules())
+    count = 0
+    for name, experts in reference.named_modules():
+        if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            continue
+        target, inter = quantized[name], experts.gate_up_proj.shape[1] // 2
+        with torch.no_grad():
+            for e in range(experts.gate_up_proj.shape[0]):
+                for matrices, weight in ((target.gate, experts.gate_up_proj[e, :inter]), (target.up, experts.gate_up_proj[e, inter:]),
+                                         (target.down, experts.down_proj[e])):
+                    assert_slot_is_bitsandbytes_own(matrices, e, weight)
+                experts.gate_up_proj[e] = torch.cat([dequantize_reference(target.gate, e), dequantize_reference(target.up, e)])
+                experts.down_proj[e] = dequantize_reference(target.down, e)
+        count += 1
+    assert count > 0
 
 
 def assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed):
@@ -103,6 +133,22 @@ def test_missing_extra_is_named(checkpoint, monkeypatch, module):
         MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantization_config=config)
 
 
+def test_a_users_bitsandbytes_config_quantizes_the_experts_with_its_settings(checkpoint):
+    """FP4 without double quantization (BitsAndBytesConfig's defaults): the experts take them too."""
+    from transformers import BitsAndBytesConfig
+
+    enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    reference = transformers_quantized(checkpoint("olmoe"), BitsAndBytesConfig(load_in_4bit=True))
+    experts = enc.model.layers[1].mlp.experts
+    assert experts.gate.method == "fp4" and not experts.gate.double_quant and not hasattr(experts.gate, "nested_absmax")
+    weights = reference.layers[1].mlp.experts
+    inter = weights.gate_up_proj.shape[1] // 2
+    for e in range(weights.gate_up_proj.shape[0]):
+        assert_slot_is_bitsandbytes_own(experts.up, e, weights.gate_up_proj[e, inter:])
+        assert_slot_is_bitsandbytes_own(experts.down, e, weights.down_proj[e])
+    assert torch.isfinite(enc.encode(random_texts(4, seed=3)).hs).all()
+
+
 def test_quantize_and_quantization_config_conflict(checkpoint):
     with pytest.raises(ValueError, match="either quantize or quantization_config"):
         MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize="nf4", quantization_config=quantization_config("int8"))
@@ -114,24 +160,71 @@ def test_quantize_and_quantization_config_conflict(checkpoint):
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_quantized_matches_transformers_forward(checkpoint, family, method):
+    """Linears quantized by transformers, routed experts by moee-fast: HS and RW equal transformers'
+    eager forward of its own quantized model whose experts hold the encoder's decoded ones."""
     path = checkpoint(family)
     texts = random_texts(9, seed=21, max_words=90)
-    ref_hs, ref_rw = transformers_reference(path, method, texts)
-
     enc = MoEEncoder.from_pretrained(path, device="cpu", quantize=method)
+    reference = transformers_quantized(path, method)
+    fp32_experts_hs, fp32_experts_rw = forward_each_alone(reference, enc.tokenizer, texts)
+    decode_experts_into(reference, enc.model)
+    ref_hs, ref_rw = forward_each_alone(reference, enc.tokenizer, texts)
+
     linear_type = bnb.nn.Linear4bit if method == "nf4" else bnb.nn.Linear8bitLt
     quantized = [m for m in enc.model.modules() if isinstance(m, linear_type)]
     assert quantized and all("forward" not in vars(m) for m in quantized)  # no fast-path patch on them
     assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=family + method)
+    # the experts' quantization shows: the same model with fp32 experts lies outside the bounds
+    got = enc.encode(texts)
+    assert relative_error(got.hs, fp32_experts_hs).median() > MOVED
+    assert relative_error(got.rw, fp32_experts_rw).median() > MOVED
     assert_quantization_moved_it(path, texts, ref_hs, ref_rw)
 
 
-def test_routed_experts_stay_in_the_load_dtype(checkpoint):
-    """transformers v5 quantizes nn.Linear modules only; its stacked experts are 3-D parameters."""
-    enc = MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4")
-    experts = enc.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float32
-    assert enc.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("family", HF_FAMILIES + ["deepseek"])
+def test_routed_experts_are_quantized(checkpoint, request, family, method):
+    """No floating-point 3-D expert tensor is left, the experts hold their computed quantized size,
+    and the fast path says what it did with them."""
+    from moee_fast.fastpath.experts import QUANTIZED_REASON
+
+    path = request.getfixturevalue("deepseek_path") if family == "deepseek" else checkpoint(family)
+    enc = MoEEncoder.from_pretrained(path, device="cpu", quantize=method)
+    tensors = list(enc.model.named_parameters()) + list(enc.model.named_buffers())
+    assert not [name for name, t in tensors if t.dim() == 3 and t.is_floating_point()]
+    experts = [(name, m) for name, m in enc.model.named_modules() if isinstance(m, QuantizedExperts)]
+    assert experts
+    for name, module in experts:
+        assert quantized_nbytes(module) == expected_quantized_bytes(module.num_experts, module.gate.cols, module.gate.rows, method)
+    report = next(r for r in enc.fast_path.reports if r.part == "experts")
+    assert sorted(report.skipped[QUANTIZED_REASON]) == sorted(name for name, _ in experts)
+    assert QUANTIZED_REASON in str(enc.fast_path)
+
+
+def test_experts_are_quantized_while_loading(checkpoint, monkeypatch):
+    """transformers' loader hands each layer's stacked tensor to the quantizer one at a time: each
+    is quantized before the next is read, and the stacked parameter never lands in the model."""
+    seen = []
+    original = QuantizedExperts.store_stacked
+
+    def recording(self, attr, stacked):
+        ready = [m.gate.allocated and m.down.allocated for m in experts_modules]
+        seen.append((attr, tuple(stacked.shape), stacked.is_meta, sum(ready)))
+        original(self, attr, stacked)
+        assert attr not in self._parameters
+
+    experts_modules = []
+    monkeypatch.setattr(QuantizedExperts, "store_stacked", recording)
+    from moee_fast import quantized_experts
+
+    make = quantized_experts.make_quantized
+    monkeypatch.setattr(quantized_experts, "make_quantized", lambda module, *a, **kw: (make(module, *a, **kw), experts_modules.append(module)))
+    MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4")
+    layers = len(experts_modules)
+    assert layers == 3 and len(seen) == 2 * layers
+    assert all(not is_meta and shape[0] == 8 for _, shape, is_meta, _ in seen)
+    assert [ready for *_, ready in seen] == sorted(ready for *_, ready in seen)  # layer after layer
+    assert seen[0][3] == 0 and seen[-1][3] == layers - 1
 
 
 # --- DeepSeekMoE, loaded natively -----------------------------------------------------------
@@ -144,7 +237,8 @@ def deepseek_path(tmp_path_factory, tokenizer_corpus):
 
 def quantize_after_plain_load(path, method):
     """The reference: a plain fp32 load, then every nn.Linear swapped for its bitsandbytes module
-    built directly from bitsandbytes (not through moee-fast or transformers)."""
+    built directly from bitsandbytes (not through moee-fast or transformers); its routed experts
+    stay fp32 until `decode_experts_into`."""
     from moee_fast.models import load_deepseek
 
     model = load_deepseek(path, dtype=torch.float32, device="cpu")
@@ -199,8 +293,11 @@ def test_deepseek_streamed_quantization_matches_quantizing_after_load(deepseek_p
     for name in expected:  # the same bits, whether quantized as read or after a full load
         assert torch.equal(streamed[name].view(torch.uint8), expected[name].view(torch.uint8)), name
 
+    fp32_experts_hs, _ = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
+    decode_experts_into(reference, enc.model)  # the experts too: bitsandbytes' bytes of the streamed weights
     ref_hs, ref_rw = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
     assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=method)
+    assert relative_error(enc.encode(texts).hs, fp32_experts_hs).median() > MOVED
     assert_quantization_moved_it(deepseek_path, texts, ref_hs, ref_rw)
 
 
@@ -286,7 +383,8 @@ def test_readme_memory_table_is_the_computed_one():
     sizes = load_model_sizes()
     mixtral = sizes.sizes(sizes.REAL_MODELS[0])
     assert mixtral["params"] == 46_702_792_704 - 32000 * 4096  # Mixtral-8x7B's published count, less its LM head
-    assert mixtral["nf4 every linear"] < mixtral["int8 every linear"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
+    assert mixtral["nf4 moee-fast"] < mixtral["int8 moee-fast"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
+    assert 0 < mixtral["nf4 moee-fast"] - mixtral["nf4 every linear"] < 1e-3 * mixtral["nf4 every linear"]  # routers bf16
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..quantized_experts import is_quantized_experts
 from .patching import PartReport, hold, unpatchable_reason
 
 NAME = "moee_sorted"
@@ -29,6 +30,7 @@ NAME = "moee_sorted"
 # I=128, E=64, top-8), interleaved in one process: 18.9 ms with its own AVX2 kernels against 20.0 ms
 # with MKL GEMMs, whose per-call packing of the weights and beta scaling took ~20% of the op.
 _SILU = ("silu", "swish")
+QUANTIZED_REASON = "quantized routed experts: their own loop dequantizes each active expert (moee_fast.quantized_experts)"
 
 
 def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
@@ -54,6 +56,13 @@ def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
 
 
 def sorted_experts_python(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    return sorted_experts_loop(self, hidden_states, top_k_index, top_k_weights,
+                               lambda e: self.gate_up_proj[e], lambda e: self.down_proj[e])
+
+
+def sorted_experts_loop(self, hidden_states, top_k_index, top_k_weights, gate_up_of, down_of):
+    """Each expert's tokens gathered, run through `gate_up_of(e)` and `down_of(e)` (its [2I, H] and
+    [H, I] weights: stacked slices, or quantized ones dequantized on demand) and scattered back."""
     top_k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -67,8 +76,8 @@ def sorted_experts_python(self, hidden_states: torch.Tensor, top_k_index: torch.
             continue
         end = start + count
         tokens = token_of[start:end]
-        hidden = self._apply_gate(F.linear(hidden_states.index_select(0, tokens), self.gate_up_proj[expert]))
-        out = F.linear(hidden, self.down_proj[expert])
+        hidden = self._apply_gate(F.linear(hidden_states.index_select(0, tokens), gate_up_of(expert)))
+        out = F.linear(hidden, down_of(expert))
         final.index_add_(0, tokens, out.mul_(weight_of[start:end].to(out.dtype)))
         start = end
     return final
@@ -77,18 +86,23 @@ def sorted_experts_python(self, hidden_states: torch.Tensor, top_k_index: torch.
 def install(model: nn.Module) -> PartReport:
     """Run every experts module through `sorted_experts_forward` (registered as "moee_sorted"), on
     CPU only: on CUDA transformers' own grouped kernels run the experts. The implementation is
-    chosen per model, so one unpatchable experts module keeps the whole model on its own."""
+    chosen per model, so one unpatchable experts module keeps the whole model on its own; quantized
+    experts (moee_fast.quantized_experts) run the same loop through their own forward, and are
+    named in the report."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     report = PartReport("experts", f"{NAME} (C++ moe_experts on fp32 CPU, per-expert torch loop otherwise)")
     found = [(name, m) for name, m in model.named_modules() if _is_experts(m)]
+    for name, module in model.named_modules():
+        if is_quantized_experts(module):
+            report.skip(QUANTIZED_REASON, name)
     for name, module in found:
         reason = unpatchable_reason(module, ("gate_up_proj", "down_proj"))
         if reason is None and module.gate_up_proj.device.type != "cpu":
             reason = f"weights on {module.gate_up_proj.device.type}: transformers' experts kernels run there"
         if reason is not None:
             report.skip(reason, name)
-    if not found:
+    if not found and not report.skipped:
         report.skip("no stacked experts modules (gate_up_proj, down_proj)")
     if report.skipped or not hasattr(model, "set_experts_implementation"):
         return report

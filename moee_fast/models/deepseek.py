@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 from transformers.utils.output_capturing import OutputRecorder
 
 from ..loading import NO_REMOTE_CODE, check_weight_files
-from ..quantize import needs_quantized_weight, quantize_linears, quantized_weight
+from ..quantize import needs_quantized_weight, quantize_linears, store_quantized
 
 # The router scoring functions this implementation computes: the subset of
 # moee_fast.adapters.registry.SCORING_FUNCTIONS that DeepSeekMoE v1 checkpoints use.
@@ -323,11 +323,11 @@ class _Writer:
     @torch.no_grad()
     def write(self, name: str, tensor: torch.Tensor) -> None:
         target = self.plan[name]
-        param = getattr(target.module, target.attr)
         if needs_quantized_weight(target.module, target.attr):  # quantized as it streams in: no full-size copy
-            target.module._parameters[target.attr] = quantized_weight(param, tensor.to(self.dtype), self.device)
+            store_quantized(target.module, target.attr, target.index, tensor.to(self.dtype), self.device)
             self.done.add(name)
             return
+        param = getattr(target.module, target.attr)
         if param.is_meta:
             param = nn.Parameter(torch.empty(param.shape, dtype=self.dtype, device=self.device), requires_grad=False)
             target.module._parameters[target.attr] = param
@@ -446,8 +446,8 @@ def load_deepseek(
     Weights stream from the safetensors shards into a model built on the meta device, each tensor
     copied once into its parameter on `device` in `dtype`; the LM head is never read. Pickle
     (`.bin`) checkpoints load only with `allow_pickle=True`, through torch.load(weights_only=True).
-    With a bitsandbytes `quantization_config`, every nn.Linear weight is quantized as it is read
-    (moee_fast.quantize), so the peak stays near the quantized size. `device_map` may only name
+    With a bitsandbytes `quantization_config`, every nn.Linear weight and every routed expert's
+    matrix is quantized as it is read (moee_fast.quantize), so the peak stays near the quantized size. `device_map` may only name
     one device ({"": device}); sharding and offload are not supported here.
     """
     device = _single_device(device_map, device)
