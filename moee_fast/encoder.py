@@ -25,7 +25,7 @@ from .checks import check_context, check_finite_rows, check_max_length, check_po
 from .embeddings import MoEEmbeddings
 from .fastpath import attention, state
 from .prompts import resolve_prompt, tokenize
-from .quantize import avoid_unsupported_cpu_packing, with_quantization
+from .quantize import avoid_unsupported_cpu_packing, run_int8_linears_on_rows, with_quantization
 
 # Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
 # 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
@@ -140,6 +140,7 @@ class MoEEncoder:
                 kwargs = loading.transformers_kwargs(hf_kwargs)
                 model = AutoModel.from_pretrained(name, dtype=dtype, **_placement(device, kwargs), **kwargs)
         avoid_unsupported_cpu_packing(model)
+        run_int8_linears_on_rows(model)
         tokenizer = loading.load_tokenizer(name, **shared)
         return cls(model, tokenizer, adapter, name=name, fast_path=parts)
 

@@ -230,3 +230,31 @@ def avoid_unsupported_cpu_packing(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+class _RowsInputs:
+    """Runs an 8-bit linear on its input's rows, flattened to 2-D: bitsandbytes (0.50) quantizes
+    activations row-wise but reduces over dim 1 of a 4-D input (DeepSeek-V2's attention gives
+    kv_b_proj one) and fails; the rows are the same either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 3:
+            return super().forward(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+@functools.cache
+def _rows_class(base: type) -> type:
+    return type(f"{base.__name__}OnRows", (_RowsInputs, base), {})
+
+
+def run_int8_linears_on_rows(model: nn.Module) -> int:
+    """Give every bitsandbytes 8-bit linear the 2-D view of inputs with more than 3 dimensions;
+    returns how many modules. The class changes, not the instance, so nothing is patched per call."""
+    changed = 0
+    for module in model.modules():
+        base = type(module)
+        if base.__name__ == "Linear8bitLt" and _is_bnb_module(module):
+            module.__class__ = _rows_class(base)
+            changed += 1
+    return changed

@@ -389,3 +389,34 @@ def test_readme_memory_table_is_the_computed_one():
         readme = f.read()
     block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]
     assert block == sizes.markdown_table()
+
+
+# --- bitsandbytes' 8-bit linears on inputs of more than 3 dimensions --------------------------
+
+
+def test_int8_linear_runs_on_the_rows_of_a_4d_input():
+    """bitsandbytes' own 8-bit matmul of the 2-D rows is the reference (it fails on the 4-D input
+    itself on CPU); the result keeps the input's leading shape."""
+    from moee_fast.quantize import run_int8_linears_on_rows
+
+    torch.manual_seed(3)
+    model = nn.Sequential(bnb.nn.Linear8bitLt(24, 10, bias=True, has_fp16_weights=False))
+    model[0].load_state_dict(nn.Linear(24, 10).state_dict())
+    model = model.to("cpu")
+    x = torch.randn(2, 1, 7, 24) * 3
+    rows = bnb.nn.Linear8bitLt.forward(model[0], x.reshape(-1, 24))
+    assert run_int8_linears_on_rows(model) == 1 and run_int8_linears_on_rows(model) == 0
+    assert isinstance(model[0], bnb.nn.Linear8bitLt)
+    out = model(x)
+    assert out.shape == (2, 1, 7, 10) and torch.equal(out.reshape(-1, 10), rows)
+    assert torch.equal(model(x[0, 0]), bnb.nn.Linear8bitLt.forward(model[0], x[0, 0]))  # 2-D: untouched
+
+
+def test_deepseek_v2_in_int8(checkpoint):
+    """DeepSeek-V2's attention feeds kv_b_proj a 4-D tensor: in 8 bits it encodes, close to fp32."""
+    path = checkpoint("deepseek_v2")
+    texts = random_texts(5, seed=8, max_words=30)
+    got = MoEEncoder.from_pretrained(path, device="cpu", quantize="int8").encode(texts)
+    full = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    assert torch.isfinite(got.hs).all() and torch.isfinite(got.rw).all()
+    assert relative_error(got.hs, full.hs).max() < 0.2 and relative_error(got.rw, full.rw).max() < 0.2
