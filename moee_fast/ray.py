@@ -10,6 +10,7 @@ Each actor loads the model once. Rows keep their order and ids; the output reads
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +133,6 @@ def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard
     import time
 
     import ray
-    import ray.data
 
     if readers.STDIN in readers.expand_inputs(inputs):
         raise ValueError("--engine ray reads files: stdin (-) is not one")
@@ -145,25 +145,39 @@ def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard
     if not ray.is_initialized():
         ray.init(address=ray_address, log_to_driver=False)
     start = time.perf_counter()
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    _drop_unresumable_output(output_dir, checkpointing=_enable_checkpointing(context, output_dir))
-    job.save_manifest()
-    earlier = set(_data_files(output_dir))
-    ds = ray.data.read_datasource(_rows_datasource(job.paths, text_field, id_field), ray_remote_args=_IO_TASK_ARGS)
-    ds = ds.map_batches(
-        MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
-        num_gpus=num_gpus or None, num_cpus=num_cpus,
-        fn_constructor_kwargs=dict(model=model, prompt=prompt, dtype=dtype, batch_size=batch_size,
-                                   max_length=max_length, rw_source=rw_source),
-    )
-    ds.drop_columns(["text"]).write_parquet(os.path.join(output_dir, DATA_DIR), ray_remote_args=_IO_TASK_ARGS)
+    with _job_context(output_dir) as ray_data:
+        job.save_manifest()
+        earlier = set(_data_files(output_dir))
+        ds = ray_data.read_datasource(_rows_datasource(job.paths, text_field, id_field), ray_remote_args=_IO_TASK_ARGS)
+        ds = ds.map_batches(
+            MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
+            num_gpus=num_gpus or None, num_cpus=num_cpus,
+            fn_constructor_kwargs=dict(model=model, prompt=prompt, dtype=dtype, batch_size=batch_size,
+                                       max_length=max_length, rw_source=rw_source),
+        )
+        ds.drop_columns(["text"]).write_parquet(os.path.join(output_dir, DATA_DIR), ray_remote_args=_IO_TASK_ARGS)
     job.manifest.update(_written_shards(output_dir), complete=True)
     rows = sum(entry["rows"] for entry in job.manifest["shards"] if entry["file"] not in earlier)
     job.manifest["last_run"] = {"rows": rows, "tokens": 0, "seconds": round(time.perf_counter() - start, 3)}
     job.save_manifest()
     _remove(os.path.join(output_dir, CHECKPOINT_DIR))  # only now: a rerun before this point skips every row
     return job.manifest["last_run"]
+
+
+@contextlib.contextmanager
+def _job_context(output_dir: str):
+    """Ray Data set for this job (rows kept in order, checkpointing on), its previous settings
+    restored afterwards; yields the ray.data module."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order, getattr(context, "checkpoint_config", None)
+    context.execution_options.preserve_order = True
+    try:
+        _drop_unresumable_output(output_dir, checkpointing=_enable_checkpointing(context, output_dir))
+        yield ray.data
+    finally:
+        context.execution_options.preserve_order, context.checkpoint_config = saved
 
 
 def _enable_checkpointing(context, output_dir: str) -> bool:

@@ -27,6 +27,8 @@ def local_ray():
 
 
 def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
+    import ray.data
+
     from moee_fast.ray import encode_corpus_ray
 
     olmoe = checkpoint("olmoe")
@@ -37,6 +39,7 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
         stats = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
     assert not [w for w in caught if "checkpoint" in str(w.message).lower()]  # Ray kept checkpointing on
     assert stats["rows"] == 21 and sorted(os.listdir(tmp_path / "ray")) == ["data", "manifest.json"]
+    assert ray.data.DataContext.get_current().checkpoint_config is None  # the job's settings do not outlive it
     on_ray = load_corpus(tmp_path / "ray")
     assert on_ray.ids == single.ids
     assert torch.allclose(on_ray.hs, single.hs, rtol=1e-5, atol=1e-6) and torch.allclose(on_ray.rw, single.rw, rtol=1e-5, atol=1e-6)
