@@ -88,6 +88,8 @@ def _written_shards(output_dir: str) -> dict:
             files.append((keys[0], keys, name))
     files.sort(key=lambda f: f[0])
     keys = [key for f in files for key in f[1]]
+    if len(set(keys)) != len(keys):  # never expected: refuse rather than return a row twice
+        raise RuntimeError(f"{output_dir}: rows written twice under {DATA_DIR}/; rerun with --overwrite (overwrite=True)")
     shape = None
     if files:
         schema = pq.read_schema(os.path.join(output_dir, files[0][2]))

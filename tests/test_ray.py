@@ -2,6 +2,7 @@
 and a Ray job killed mid-way that resumes from Ray Data's checkpoint."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,12 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
     assert again["rows"] == 0  # finished: nothing appended
     with pytest.raises(ValueError, match="different prompt"):
         encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, prompt="prompteol")
+
+    # Data files with no checkpoint beside them (a run Ray could not checkpoint) are redone, not doubled.
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    (tmp_path / "ray" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    redone = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
+    assert redone["rows"] == 21 and load_corpus(tmp_path / "ray").ids == single.ids
 
 
 def test_batch_encoder_adds_columns(checkpoint, local_ray):
