@@ -266,6 +266,13 @@ class PausedJob:
         return self.outcome
 
 
+def wait_for(condition, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def settled_shards(out) -> dict[str, int]:
     """{shard file: inode} once no shard file has appeared for a second (the workers are idle)."""
     found, since = None, time.monotonic()
@@ -286,7 +293,10 @@ def test_a_killed_worker_loses_at_most_its_shard(tmp_path, olmoe, monkeypatch):
     one = PausedJob(monkeypatch, after=3).start(olmoe, [str(source)], tmp_path / "one", **job)
     assert len(one.workers) == 2
     written = settled_shards(tmp_path / "one")
-    os.kill(one.workers[0], signal.SIGKILL)
+    os.kill(one.workers[0], signal.SIGSTOP)  # it takes shards from here on but encodes none
+    one.resume.set()
+    wait_for(lambda: len(json.loads((tmp_path / "one" / "manifest.json").read_text())["shards"]) >= 6)
+    os.kill(one.workers[0], signal.SIGKILL)  # holding shards it never started
     finished = one.finish()
     assert "error" not in finished, finished  # the other worker took the dead one's shards
     assert_same_corpus(finished["corpus"], whole)
