@@ -10,8 +10,11 @@ Each actor loads the model once. Rows keep their order and ids; the output reads
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 
 from .corpus import readers
 from .corpus.job import CorpusJob, name_rows
@@ -19,6 +22,11 @@ from .corpus.store import embedding_table
 
 # Orders rows across files: file index in the high bits, row number below.
 _ROW_BITS = 40
+DATA_DIR, CHECKPOINT_DIR = "data", "checkpoint"
+# Reading and writing are light next to the model; a whole CPU each could find none left once
+# the encoder actors and, on a resumed run, Ray's checkpoint-filter actor (1 CPU) hold them all.
+_IO_TASK_ARGS = {"num_cpus": 0.25}
+logger = logging.getLogger(__name__)
 
 
 class MoEEBatchEncoder:
@@ -70,22 +78,23 @@ def _rows_datasource(paths: list[str], text_field: str, id_field: str | None):
 
 def _written_shards(output_dir: str) -> dict:
     """The parquet files Ray wrote, ordered by their first row; whether their rows, joined in
-    that order, follow the input (a resumed run may interleave them)."""
+    that order, follow the input (a resumed run may interleave them). Reads only the row keys."""
     import pyarrow.parquet as pq
 
     files = []
-    for name in sorted(os.listdir(os.path.join(output_dir, "data"))):
-        rows = pq.read_table(os.path.join(output_dir, "data", name), columns=["row", "hs", "rw"])
-        if rows.num_rows:
-            keys = rows.column("row").to_pylist()
-            files.append((keys[0], keys, os.path.join("data", name), rows))
+    for name in _data_files(output_dir):
+        keys = pq.read_table(os.path.join(output_dir, name), columns=["row"]).column("row").to_pylist()
+        if keys:
+            files.append((keys[0], keys, name))
     files.sort(key=lambda f: f[0])
     keys = [key for f in files for key in f[1]]
+    if len(set(keys)) != len(keys):  # never expected: refuse rather than return a row twice
+        raise RuntimeError(f"{output_dir}: rows written twice under {DATA_DIR}/; rerun with --overwrite (overwrite=True)")
     shape = None
     if files:
-        table = files[0][3]
-        layers, experts = json.loads(table.schema.metadata[b"moee_rw_shape"])
-        shape = [table.schema.field("hs").type.list_size, layers, experts]
+        schema = pq.read_schema(os.path.join(output_dir, files[0][2]))
+        layers, experts = json.loads(schema.metadata[b"moee_rw_shape"])
+        shape = [schema.field("hs").type.list_size, layers, experts]
     shards = [{"file": f[2], "start": None, "input_rows": len(f[1]), "rows": len(f[1])} for f in files]
     return {"shards": shards, "shape": shape, "sort_by_row": keys != sorted(keys), "total_rows": len(keys)}
 
@@ -126,7 +135,6 @@ def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard
     import time
 
     import ray
-    import ray.data
 
     if readers.STDIN in readers.expand_inputs(inputs):
         raise ValueError("--engine ray reads files: stdin (-) is not one")
@@ -134,35 +142,74 @@ def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard
                     text_field=text_field, id_field=id_field, overwrite=overwrite, format="parquet",
                     batch_size=batch_size, max_length=max_length, rw_source=rw_source, engine="ray")
     if job.manifest["complete"]:
+        _remove(os.path.join(output_dir, CHECKPOINT_DIR))  # left if a finished run stopped just before
         return {"rows": 0, "tokens": 0, "seconds": 0.0}
     if not ray.is_initialized():
         ray.init(address=ray_address, log_to_driver=False)
     start = time.perf_counter()
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    _enable_checkpointing(context, output_dir)
-    job.save_manifest()
-    ds = ray.data.read_datasource(_rows_datasource(job.paths, text_field, id_field))
-    ds = ds.map_batches(
-        MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
-        num_gpus=num_gpus or None, num_cpus=num_cpus,
-        fn_constructor_kwargs=dict(model=model, prompt=prompt, dtype=dtype, batch_size=batch_size,
-                                   max_length=max_length, rw_source=rw_source),
-    )
-    ds.drop_columns(["text"]).write_parquet(os.path.join(output_dir, "data"))
+    with _job_context(output_dir) as ray_data:
+        job.save_manifest()
+        earlier = set(_data_files(output_dir))
+        ds = ray_data.read_datasource(_rows_datasource(job.paths, text_field, id_field), ray_remote_args=_IO_TASK_ARGS)
+        ds = ds.map_batches(
+            MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
+            num_gpus=num_gpus or None, num_cpus=num_cpus,
+            fn_constructor_kwargs=dict(model=model, prompt=prompt, dtype=dtype, batch_size=batch_size,
+                                       max_length=max_length, rw_source=rw_source),
+        )
+        ds.drop_columns(["text"]).write_parquet(os.path.join(output_dir, DATA_DIR), ray_remote_args=_IO_TASK_ARGS)
     job.manifest.update(_written_shards(output_dir), complete=True)
-    rows = sum(entry["rows"] for entry in job.manifest["shards"])
+    rows = sum(entry["rows"] for entry in job.manifest["shards"] if entry["file"] not in earlier)
     job.manifest["last_run"] = {"rows": rows, "tokens": 0, "seconds": round(time.perf_counter() - start, 3)}
     job.save_manifest()
+    _remove(os.path.join(output_dir, CHECKPOINT_DIR))  # only now: a rerun before this point skips every row
     return job.manifest["last_run"]
 
 
-def _enable_checkpointing(context, output_dir: str) -> None:
+@contextlib.contextmanager
+def _job_context(output_dir: str):
+    """Ray Data set for this job (rows kept in order, checkpointing on), its previous settings
+    restored afterwards; yields the ray.data module."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order, getattr(context, "checkpoint_config", None)
+    context.execution_options.preserve_order = True
+    try:
+        _drop_unresumable_output(output_dir, checkpointing=_enable_checkpointing(context, output_dir))
+        yield ray.data
+    finally:
+        context.execution_options.preserve_order, context.checkpoint_config = saved
+
+
+def _enable_checkpointing(context, output_dir: str) -> bool:
+    """Ask Ray Data to checkpoint the job, keyed by the `row` column (unique and stable for the
+    same inputs, unlike a user's --id-field); False where the installed Ray cannot."""
     try:
         from ray.data.checkpoint import CheckpointConfig
-    except ImportError:  # an older Ray: the job runs, but restarts from scratch
-        return
+    except ImportError:
+        logger.warning("this Ray has no Data checkpointing (ray.data.checkpoint): an interrupted job starts over")
+        return False
     context.checkpoint_config = CheckpointConfig(
-        id_column="id", checkpoint_path=os.path.abspath(os.path.join(output_dir, "checkpoint")),
-        delete_checkpoint_on_success=True,
+        id_column="row", checkpoint_path=os.path.abspath(os.path.join(output_dir, CHECKPOINT_DIR)),
+        delete_checkpoint_on_success=False,
     )
+    return True
+
+
+def _drop_unresumable_output(output_dir: str, checkpointing: bool) -> None:
+    """Ray writes a row's checkpoint before its data file, so data files without a checkpoint
+    folder (or without checkpointing) are from a run that cannot be resumed: remove them, or
+    the rerun would write their rows twice."""
+    if not checkpointing or not os.path.isdir(os.path.join(output_dir, CHECKPOINT_DIR)):
+        _remove(os.path.join(output_dir, DATA_DIR))
+        _remove(os.path.join(output_dir, CHECKPOINT_DIR))
+
+
+def _data_files(output_dir: str) -> list[str]:
+    folder = os.path.join(output_dir, DATA_DIR)
+    return [os.path.join(DATA_DIR, name) for name in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

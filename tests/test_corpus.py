@@ -3,11 +3,13 @@ resuming (after Ctrl-C and after kill -9 at random points) bit for bit, refusals
 rows, worker processes per device, parquet shards."""
 
 import json
+import multiprocessing
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 import moee_fast
 from moee_fast import MoEEncoder, encode_corpus, load_corpus
 from moee_fast.corpus import CorpusInterrupted
+from moee_fast.corpus.job import CorpusJob
 from conftest import random_texts, relative_error
 from test_encoder import reference_embeddings
 
@@ -224,3 +227,91 @@ def test_two_cpu_workers_equal_one_process(tmp_path, olmoe, encoder):
     assert pooled.ids == single.ids
     assert relative_error(pooled.hs, single.hs).max() <= 1e-6 and relative_error(pooled.rw, single.rw).max() <= 1e-6
     assert pooled.manifest["shards"] == single.manifest["shards"]
+
+
+class PausedJob:
+    """Runs encode_corpus with `devices` in a thread that pauses once the manifest records
+    `after` shards, so a test can kill workers at a known point; the workers keep running."""
+
+    def __init__(self, monkeypatch, after: int):
+        self.paused, self.resume, self.after, self.outcome = threading.Event(), threading.Event(), after, {}
+        record = CorpusJob.record
+
+        def pausing_record(job, result):
+            record(job, result)
+            if len(job.manifest["shards"]) == self.after and not self.paused.is_set():
+                self.paused.set()
+                self.resume.wait(timeout=300)
+
+        monkeypatch.setattr(CorpusJob, "record", pausing_record)
+
+    def start(self, *args, **kwargs):
+        before = {child.pid for child in multiprocessing.active_children()}
+
+        def run():
+            try:
+                self.outcome["corpus"] = encode_corpus(*args, **kwargs)
+            except Exception as exc:  # the test inspects it
+                self.outcome["error"] = exc
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.paused.wait(timeout=300), self.outcome
+        self.workers = [c.pid for c in multiprocessing.active_children() if c.pid not in before]
+        return self
+
+    def finish(self):
+        self.resume.set()
+        self.thread.join(timeout=300)
+        return self.outcome
+
+
+def wait_for(condition, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def settled_shards(out) -> dict[str, int]:
+    """{shard file: inode} once no shard file has appeared for a second (the workers are idle)."""
+    found, since = None, time.monotonic()
+    while time.monotonic() - since < 1:
+        now = {p.name: p.stat().st_ino for p in out.glob("part-*.safetensors")}
+        if now != found:
+            found, since = now, time.monotonic()
+        time.sleep(0.05)
+    return found
+
+
+def test_a_killed_worker_loses_at_most_its_shard(tmp_path, olmoe, monkeypatch):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(random_texts(24, seed=17, max_words=30)) + "\n")
+    job = dict(shard_size=2, devices="cpu,cpu", progress=False)
+    whole = encode_corpus(olmoe, [str(source)], tmp_path / "whole", **job)
+
+    one = PausedJob(monkeypatch, after=3).start(olmoe, [str(source)], tmp_path / "one", **job)
+    assert len(one.workers) == 2
+    written = settled_shards(tmp_path / "one")
+    os.kill(one.workers[0], signal.SIGSTOP)  # it takes shards from here on but encodes none
+    one.resume.set()
+    wait_for(lambda: len(json.loads((tmp_path / "one" / "manifest.json").read_text())["shards"]) >= 6)
+    os.kill(one.workers[0], signal.SIGKILL)  # holding shards it never started
+    finished = one.finish()
+    assert "error" not in finished, finished  # the other worker took the dead one's shards
+    assert_same_corpus(finished["corpus"], whole)
+    assert finished["corpus"].manifest["shards"] == whole.manifest["shards"]
+    assert {name: ino for name, ino in settled_shards(tmp_path / "one").items() if name in written} == written  # none redone
+
+    both = PausedJob(monkeypatch, after=2).start(olmoe, [str(source)], tmp_path / "both", **job)
+    written = settled_shards(tmp_path / "both")
+    for pid in both.workers:
+        os.kill(pid, signal.SIGKILL)
+    failed = both.finish()
+    assert isinstance(failed.get("error"), RuntimeError) and "every worker stopped" in str(failed["error"])
+    assert "run the same command again to resume" in str(failed["error"])
+    kept = load_corpus(tmp_path / "both", allow_incomplete=True).manifest["shards"]
+    assert {entry["file"] for entry in kept} == set(written)  # finished shards, the dead workers' included
+    rerun = encode_corpus(olmoe, [str(source)], tmp_path / "both", **job)
+    assert_same_corpus(rerun, whole)
+    assert rerun.manifest["last_run"]["rows"] == 24 - 2 * len(kept)

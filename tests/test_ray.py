@@ -1,4 +1,14 @@
-"""The Ray Data path on a local Ray (2 CPUs, fractional actors) against the single-process job."""
+"""The Ray Data path on a local Ray (2 CPUs, fractional actors) against the single-process job,
+and a Ray job killed mid-way that resumes from Ray Data's checkpoint."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -18,13 +28,19 @@ def local_ray():
 
 
 def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
+    import ray.data
+
     from moee_fast.ray import encode_corpus_ray
 
     olmoe = checkpoint("olmoe")
     paths = write_inputs(tmp_path, random_texts(21, seed=21, max_words=30))
     single = encode_corpus(MoEEncoder.from_pretrained(olmoe, device="cpu"), paths, tmp_path / "local", shard_size=4, progress=False)
-    stats = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
-    assert stats["rows"] == 21
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
+    assert not [w for w in caught if "checkpoint" in str(w.message).lower()]  # Ray kept checkpointing on
+    assert stats["rows"] == 21 and sorted(os.listdir(tmp_path / "ray")) == ["data", "manifest.json"]
+    assert ray.data.DataContext.get_current().checkpoint_config is None  # the job's settings do not outlive it
     on_ray = load_corpus(tmp_path / "ray")
     assert on_ray.ids == single.ids
     assert torch.allclose(on_ray.hs, single.hs, rtol=1e-5, atol=1e-6) and torch.allclose(on_ray.rw, single.rw, rtol=1e-5, atol=1e-6)
@@ -32,6 +48,12 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
     assert again["rows"] == 0  # finished: nothing appended
     with pytest.raises(ValueError, match="different prompt"):
         encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, prompt="prompteol")
+
+    # Data files with no checkpoint beside them (a run Ray could not checkpoint) are redone, not doubled.
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    (tmp_path / "ray" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    redone = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
+    assert redone["rows"] == 21 and load_corpus(tmp_path / "ray").ids == single.ids
 
 
 def test_batch_encoder_adds_columns(checkpoint, local_ray):
@@ -62,3 +84,105 @@ def test_command_line_engine_ray(tmp_path, checkpoint, local_ray, capsys):
     local, on_ray = load_corpus(tmp_path / "local"), load_corpus(tmp_path / "ray")
     assert on_ray.ids == local.ids and torch.allclose(on_ray.hs, local.hs, rtol=1e-5, atol=1e-6)
     assert main(base + ["--output", str(tmp_path / "ray2"), "--engine", "ray", "--input", "-"]) == 1
+
+
+RAY_JOB = """
+import sys, time
+import ray
+import moee_fast.ray as moee_ray
+
+model, out, log, *paths = sys.argv[1:]
+
+
+class SlowLoggedEncoder(moee_ray.MoEEBatchEncoder):
+    # Slow enough that the job can be killed mid-way; logs the rows it actually encodes.
+    def __call__(self, batch):
+        time.sleep(0.3)
+        with open(log, "a") as f:
+            f.write("".join(f"{key}\\n" for key in batch.column("row").to_pylist()))
+        return super().__call__(batch)
+
+
+moee_ray.MoEEBatchEncoder = SlowLoggedEncoder
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+moee_ray.encode_corpus_ray(model, paths, out, shard_size=2, num_cpus=0.5)
+"""
+
+
+def committed_rows(out) -> list[int]:
+    """The row keys Ray Data's committed checkpoint files hold (pending ones excluded)."""
+    import pyarrow.parquet as pq
+
+    folder = out / "checkpoint"
+    names = [n for n in os.listdir(folder) if not n.endswith(".pending.parquet")] if folder.is_dir() else []
+    return [key for n in names for key in pq.read_table(folder / n, columns=["row"]).column("row").to_pylist()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Ray's workers put themselves in their own sessions)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            pass
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_tree(process) -> None:
+    """SIGKILL the job's process group and every process it started, and wait until all are gone."""
+    tree = descendants(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") and not _is_zombie(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_killed_ray_job_resumes_from_its_checkpoint(tmp_path, checkpoint):
+    olmoe = checkpoint("olmoe")
+    texts = random_texts(16, seed=13, max_words=25)
+    paths = write_inputs(tmp_path, texts)
+    single = encode_corpus(MoEEncoder.from_pretrained(olmoe, device="cpu"), paths, tmp_path / "local", shard_size=2, progress=False)
+    out = tmp_path / "ray"
+
+    def job(log: str, **popen):
+        return subprocess.Popen([sys.executable, "-c", RAY_JOB, olmoe, str(out), str(tmp_path / log), *paths],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+    first = job("first.log", start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not committed_rows(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None, first.stderr.read().decode()[-3000:]
+    kill_tree(first)
+    kept = committed_rows(out)
+    assert 0 < len(kept) < len(texts), "the kill landed before any or after every row was checkpointed"
+
+    second = job("second.log")
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err.decode()[-3000:]
+    encoded_again = [int(key) for key in (tmp_path / "second.log").read_text().split()]
+    assert len(encoded_again) < len(texts) and not set(encoded_again) & set(kept)  # checkpointed rows were skipped
+    resumed = load_corpus(out)
+    assert resumed.ids == single.ids and len(set(resumed.ids)) == len(texts)  # none lost, none duplicated
+    assert torch.allclose(resumed.hs, single.hs, rtol=1e-5, atol=1e-6) and torch.allclose(resumed.rw, single.rw, rtol=1e-5, atol=1e-6)
+    assert resumed.manifest["last_run"]["rows"] == len(texts) - len(kept)
+    assert not (out / "checkpoint").exists()

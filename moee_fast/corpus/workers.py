@@ -1,11 +1,13 @@
 """Where shards are encoded: in this process, or in one worker process per device, each loading
-the model once and taking shards from a bounded queue as it finishes the last. A worker that
-dies loses at most its current shard: the others finish theirs and the manifest keeps them."""
+the model once and given shards as it finishes the last. A worker that dies loses at most its
+current shard: the shards it held go to the other workers, and the manifest keeps every
+finished one."""
 
 from __future__ import annotations
 
 import queue
 import signal
+import time
 
 import torch
 
@@ -64,70 +66,101 @@ def _worker(model: str, device: str, dtype, threads: int, options, output_dir, f
         results.put(ShardResult(index, error=f"{exc}", error_type=type(exc).__name__))
 
 
+class _Worker:
+    """One worker process with its own task and result queues (a killed process can leave only
+    its own queues unusable) and the shards it holds, oldest first."""
+
+    def __init__(self, context, device: str, args: tuple):
+        self.device = device
+        self.tasks, self.results = context.Queue(), context.Queue()
+        self.held: list[Shard] = []
+        self.process = context.Process(target=_worker, args=(*args, self.tasks, self.results), daemon=True)
+        self.process.start()
+
+    def give(self, shard: Shard | None) -> None:
+        self.tasks.put(shard)
+        if shard is not None:
+            self.held.append(shard)
+
+
 class WorkerPool:
-    """One spawned worker process per device; CPU workers split this process's threads."""
+    """One spawned worker process per device, each holding at most HELD shards (the one it
+    encodes and the next); CPU workers split this process's threads. A worker that dies loses
+    only the shard it was encoding: the shards it held go to the other workers, and the job
+    fails only when no worker is left."""
+
+    HELD = 2
 
     def __init__(self, model: str, devices: list[str], dtype, options: dict, output_dir: str, fmt: str):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        self.tasks, self.results = context.Queue(maxsize=len(devices)), context.Queue()
         cpu_workers = sum(1 for d in devices if d.startswith("cpu")) or 1
         threads = max(1, torch.get_num_threads() // cpu_workers)
-        self.devices = devices
-        self.workers = [
-            context.Process(target=_worker, args=(model, d, dtype, threads, options, output_dir, fmt, self.tasks, self.results), daemon=True)
-            for d in devices
-        ]
-        for worker in self.workers:
-            worker.start()
-        self.pending = 0
-        self.stopping = False
+        self.workers = [_Worker(context, d, (model, d, dtype, threads, options, output_dir, fmt)) for d in devices]
+        self.stopped: list[str] = []  # "device (exit code N)" of each worker that died
+        self.waiting: list[Shard] = []  # shards no worker holds yet
 
     def submit(self, shard: Shard):
-        yield from self._put(shard)
-        self.pending += 1
+        self.waiting.append(shard)
+        while self.waiting:
+            yield from self._step()
 
     def finish(self):
-        self.stopping = True  # from here a worker may exit, having taken its stop sentinel
-        for _ in self.workers:
-            yield from self._put(None)
-        yield from self._ready(block=True)
+        while self.waiting or any(w.held for w in self.workers):
+            yield from self._step()
+        for worker in self.workers:
+            worker.give(None)
 
-    def _put(self, task):
-        """Queue a task, collecting finished shards (and noticing dead workers) while it is full."""
-        while True:
-            yield from self._ready(block=False)
-            try:
-                self.tasks.put(task, timeout=0.2)
-                return
-            except queue.Full:
-                self._check_alive()
+    def _step(self):
+        """Collect finished shards, take back the shards of dead workers, hand out waiting
+        shards; pause briefly when nothing happened."""
+        progressed = False
+        for worker in list(self.workers):
+            dead = worker.process.exitcode is not None  # read first: a worker's last results precede its exit
+            for result in _drain(worker.results):
+                if result.error is not None:
+                    raise (ValueError if result.error_type == "ValueError" else RuntimeError)(result.error)
+                worker.held = [s for s in worker.held if s.index != result.index]
+                progressed = True
+                yield result
+            if dead:
+                self._retire(worker)
+        for shard in list(self.waiting):
+            worker = min(self.workers, key=lambda w: len(w.held))
+            if len(worker.held) >= self.HELD:
+                break
+            worker.give(shard)
+            self.waiting.remove(shard)
+            progressed = True
+        if not progressed:
+            time.sleep(0.02)
 
-    def _ready(self, block: bool):
-        while self.pending:
-            try:
-                result = self.results.get(True, 0.2) if block else self.results.get_nowait()
-            except queue.Empty:
-                self._check_alive()
-                if block:
-                    continue
-                return
-            self.pending -= 1
-            if result.error is not None:
-                raise (ValueError if result.error_type == "ValueError" else RuntimeError)(result.error)
-            yield result
-
-    def _check_alive(self) -> None:
-        for device, worker in zip(self.devices, self.workers):
-            if worker.exitcode is not None and (worker.exitcode != 0 or not self.stopping):
-                raise RuntimeError(
-                    f"the worker on {device} stopped (exit code {worker.exitcode}); finished shards are kept: "
-                    "run the same command again to resume"
-                )
+    def _retire(self, worker: _Worker) -> None:
+        self.workers.remove(worker)
+        self.stopped.append(f"{worker.device} (exit code {worker.process.exitcode})")
+        self.waiting = sorted(self.waiting + worker.held, key=lambda s: s.index)
+        worker.tasks.cancel_join_thread()  # nobody reads its queue any more
+        if not self.workers:
+            raise RuntimeError(
+                f"every worker stopped: {', '.join(self.stopped)}; finished shards are kept: "
+                "run the same command again to resume"
+            )
 
     def close(self) -> None:
         for worker in self.workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
+            if worker.process.is_alive():
+                worker.process.join(timeout=0 if worker.held or self.waiting else 5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+            worker.process.join()
+            worker.tasks.cancel_join_thread()
+
+
+def _drain(results) -> list[ShardResult]:
+    found = []
+    while True:
+        try:
+            found.append(results.get_nowait())
+        except queue.Empty:
+            return found
