@@ -153,7 +153,8 @@ def with_quantization(hf_kwargs: dict, quantize: str | None, device: torch.devic
 
 
 def _is_bnb_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes.")
+    """A bitsandbytes module, or one of ours derived from it (run_int8_linears_on_rows)."""
+    return any(cls.__module__.startswith("bitsandbytes.") for cls in type(module).__mro__)
 
 
 def quantize_linears(model: nn.Module, config) -> nn.Module:
@@ -254,7 +255,7 @@ def run_int8_linears_on_rows(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         base = type(module)
-        if base.__name__ == "Linear8bitLt" and _is_bnb_module(module):
+        if base.__name__ == "Linear8bitLt" and base.__module__.startswith("bitsandbytes."):
             module.__class__ = _rows_class(base)
             changed += 1
     return changed

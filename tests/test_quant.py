@@ -279,7 +279,8 @@ def deepseek_forward_each_alone(model, tokenizer, texts):
 
 
 def quantized_state(model):
-    return {name: m.weight.data for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+    return {name: m.weight.data for name, m in model.named_modules()
+            if any(cls.__module__.startswith("bitsandbytes") for cls in type(m).__mro__)}
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
