@@ -163,16 +163,16 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: benchmarks.*
     import torch
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         root = args.checkpoints or scratch
         rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers)]
     header = (
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared with other work during the run), "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; the scaled models at {args.layers} layers; "
         f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, bf16 compute (the paper's "
         "setting) in the linears; routed experts quantized per expert matrix and run dequantized to the load dtype (fp32). "
-        "Timings are noisy on a shared machine (load average before the run: "
-        f"{os.getloadavg()[0]:.1f}); the agreement columns are not."
+        "Timings are noisy where other work shares the machine; the agreement columns never are."
     )
     report = f"{header}\n\n{table(rows)}\n"
     print(report)
