@@ -107,6 +107,24 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, encoder):
     assert resumed.manifest["last_run"]["rows"] == 11
 
 
+
+def test_a_kill_mid_write_leaves_files_a_rerun_clears(tmp_path, encoder):
+    """A kill while a shard is written leaves our temp file, or safetensors' own (it writes through
+    a ".tmp" + 6 characters file beside the target): the rerun removes both and finishes."""
+    paths = write_inputs(tmp_path, random_texts(12, seed=6, max_words=20))
+    whole = encode_corpus(encoder, paths, tmp_path / "whole", shard_size=3, progress=False)
+    with pytest.raises(CorpusInterrupted):
+        encode_corpus(InterruptAfter(encoder, 2), paths, tmp_path / "killed", shard_size=3, progress=False)
+    leftovers = [".tmpQ3xZ9a", ".part-00002.safetensors.k2j4_x.tmp"]
+    for name in leftovers:
+        (tmp_path / "killed" / name).write_bytes(b"partial")
+    (tmp_path / "killed" / ".tmpnotes").write_text("mine")  # not a writer's name: refused, kept
+    with pytest.raises(ValueError, match="holds '.tmpnotes'"):
+        encode_corpus(encoder, paths, tmp_path / "killed", shard_size=3, progress=False)
+    (tmp_path / "killed" / ".tmpnotes").unlink()
+    assert_same_corpus(encode_corpus(encoder, paths, tmp_path / "killed", shard_size=3, progress=False), whole)
+    assert not [name for name in leftovers if (tmp_path / "killed" / name).exists()]
+
 KILLABLE_JOB = """
 import sys, torch
 torch.set_num_threads(1)

@@ -21,8 +21,11 @@ from .store import SHARD_FORMATS, shard_name, write_shard
 DEFAULT_SHARD_SIZE = 10_000
 MANIFEST = "manifest.json"
 FORMAT = "moee-fast-corpus/1"
-# What a job writes into its directory (the Ray engine: data/ and checkpoint/ folders).
-_OURS = re.compile(r"^(manifest\.json|part-\d{5}\.(safetensors|parquet)|\.(manifest\.json|part-\d{5}\.\w+)\..*\.tmp|data|checkpoint)$")
+# What a job leaves in its directory: the manifest, shards, Ray's data and checkpoint folders, and,
+# after a kill mid-write, our temp files (.part-00003.safetensors.XXXX.tmp) or safetensors' own
+# (it writes through a ".tmp" + 6 characters file beside the target, then renames).
+_LEFTOVER = re.compile(r"^(\.(manifest\.json|part-\d{5}\.\w+)\..*\.tmp|\.tmp[A-Za-z0-9]{6})$")
+_OURS = re.compile(r"^(manifest\.json|part-\d{5}\.(safetensors|parquet)|data|checkpoint)$")
 
 
 class CorpusInterrupted(KeyboardInterrupt):
@@ -140,7 +143,7 @@ class CorpusJob:
             return self._fresh_manifest()
         check_writable_dir(out, out)
         names = sorted(os.listdir(out))
-        foreign = [n for n in names if not _OURS.match(n)]
+        foreign = [n for n in names if not (_OURS.match(n) or _LEFTOVER.match(n))]
         if foreign:
             raise ValueError(f"{out}: holds {foreign[0]!r}, which no corpus job wrote; use an empty or new directory")
         if overwrite:
@@ -149,8 +152,9 @@ class CorpusJob:
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
             return self._fresh_manifest()
         for n in names:  # left by a job killed while writing
-            if n.endswith(".tmp"):
+            if _LEFTOVER.match(n):
                 os.unlink(os.path.join(out, n))
+        names = [n for n in names if not _LEFTOVER.match(n)]
         if MANIFEST not in names:
             if any(n.startswith("part-") for n in names):
                 raise ValueError(f"{out}: holds shards but no {MANIFEST}; rerun with --overwrite (overwrite=True) to start over")
