@@ -76,41 +76,6 @@ inline std::atomic<int>& active_isa() {
   return isa;
 }
 
-// tile_x16 with one zmm per row: the same FMA chain per element, half the FMA instructions.
-template <int MR>
-MOEE_FAST_AVX512 inline void tile_x16_512(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc,
-                                          float* c, int64_t ldc, bool accumulate, const float* row_scale) {
-  const float* ar[MR];
-  __m512 acc[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    ar[r] = a + (r < rows ? r : rows - 1) * lda;
-    acc[r] = _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < kc; ++k, b += ldb) {
-    const __m512 bv = _mm512_loadu_ps(b);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ar[r][k]), bv, acc[r]);
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    if (r >= rows) break;
-    __m512 v = row_scale ? _mm512_mul_ps(acc[r], _mm512_set1_ps(row_scale[r])) : acc[r];
-    float* cr = c + r * ldc;
-    if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(cr));
-    _mm512_storeu_ps(cr, v);
-  }
-}
-
-template <int MR>
-inline void tile_x16(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc, float* c,
-                     int64_t ldc, bool accumulate = false, const float* row_scale = nullptr) {
-  if (active_isa().load(std::memory_order_relaxed) == static_cast<int>(CpuIsa::avx512))
-    tile_x16_512<MR>(a, lda, rows, b, ldb, kc, c, ldc, accumulate, row_scale);
-  else
-    tile_x16_avx2<MR>(a, lda, rows, b, ldb, kc, c, ldc, accumulate, row_scale);
-}
-
 // GEMMs on panels: y = x W^T with the activations x packed k-major in panels of 16 rows
 // ([K][16]: one vector pair per k), so a tile_x16 multiplies 6 rows of W, read in place from the
 // [out, in] weight matrix, by one panel. Packing x is a transposing copy (free where x is gathered
@@ -119,18 +84,22 @@ constexpr int64_t kNR = 16;   // rows of x per panel
 constexpr int64_t kMR = 6;    // rows of W per register tile
 constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in L1 across panels
 
-// The AVX-512 panel tile: a panel's 16 tokens fill one zmm register, so a tile holds MR weight rows x NP panels in MR*NP
-// accumulators (12 x 2 = 24 of the 32 registers: 12 x 2 ran 160-174 GFLOP/s per core on this
-// project's GEMM shapes, against 136-172 for 8 x 3 and 146-151 for 6 x 4, and took the 2-panel
-// case best), twice the FLOPs per instruction of the AVX2 tile.
-// Every C element is the same FMA chain over k, block by block, as in tile_x16: the two kernels
-// give bitwise the same result, so which one runs never changes an embedding.
+// The AVX-512 tile: 16 columns of b fill one zmm register, so a tile holds MR rows of a x NP
+// column blocks in MR*NP accumulators. For the panel GEMM, 12 x 2 (24 of the 32 registers) ran
+// 160-174 GFLOP/s per core on this project's GEMM shapes, against 136-172 for 8 x 3 and 146-151
+// for 6 x 4, and took the 2-panel case best: twice the FLOPs per instruction of the AVX2 tile.
+// Every c element is the same FMA chain over k as in tile_x16_avx2, then the same scaling and
+// accumulation, so the two give bitwise the same result and which one runs never changes an
+// embedding.
 //
-// C tile (panel j at c + j * c_panel, row r at + r * 16) = the MR x NP product over kc, added to C
-// when accumulate; rows past `rows` repeat the last row and are not stored.
+// c[j][r][0:16] = row_scale[r] * sum_{k < kc} a[r][k] * b[j][k][0:16] (+ c[j][r][0:16] when
+// accumulate) for r < rows <= MR, j < NP: a rows `lda` apart, b's k rows `ldb` apart and blocks
+// `b_block` apart, c rows `ldc` apart and blocks `c_block` apart; row_scale may be null (1). Rows
+// past `rows` repeat the last row and are not stored.
 template <int MR, int NP>
-MOEE_FAST_AVX512 inline void tile_panels_512(const float* a, int64_t lda, int64_t rows, const float* b, int64_t b_panel,
-                                             int64_t kc, float* c, int64_t c_panel, bool accumulate) {
+MOEE_FAST_AVX512 inline void tile_panels_512(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb,
+                                             int64_t b_block, int64_t kc, float* c, int64_t ldc, int64_t c_block,
+                                             bool accumulate, const float* row_scale) {
   const float* ar[MR];
   __m512 acc[MR][NP];
 #pragma GCC unroll 16
@@ -139,10 +108,10 @@ MOEE_FAST_AVX512 inline void tile_panels_512(const float* a, int64_t lda, int64_
 #pragma GCC unroll 3
     for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < kc; ++k, b += kNR) {
+  for (int64_t k = 0; k < kc; ++k, b += ldb) {
     __m512 bv[NP];
 #pragma GCC unroll 3
-    for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_ps(b + j * b_panel);
+    for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_ps(b + j * b_block);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512 x = _mm512_set1_ps(ar[r][k]);
@@ -155,10 +124,22 @@ MOEE_FAST_AVX512 inline void tile_panels_512(const float* a, int64_t lda, int64_
     if (r >= rows) break;
 #pragma GCC unroll 3
     for (int j = 0; j < NP; ++j) {
-      float* cr = c + j * c_panel + r * kNR;
-      _mm512_storeu_ps(cr, accumulate ? _mm512_add_ps(acc[r][j], _mm512_loadu_ps(cr)) : acc[r][j]);
+      __m512 v = row_scale ? _mm512_mul_ps(acc[r][j], _mm512_set1_ps(row_scale[r])) : acc[r][j];
+      float* cr = c + j * c_block + r * ldc;
+      if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(cr));
+      _mm512_storeu_ps(cr, v);
     }
   }
+}
+
+// tile_x16_avx2's contract, on the tiles the CPU runs best.
+template <int MR>
+inline void tile_x16(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t kc, float* c,
+                     int64_t ldc, bool accumulate = false, const float* row_scale = nullptr) {
+  if (active_isa().load(std::memory_order_relaxed) == static_cast<int>(CpuIsa::avx512))
+    tile_panels_512<MR, 1>(a, lda, rows, b, ldb, 0, kc, c, ldc, 0, accumulate, row_scale);  // one zmm per row
+  else
+    tile_x16_avx2<MR>(a, lda, rows, b, ldb, kc, c, ldc, accumulate, row_scale);
 }
 
 MOEE_FAST_AVX512 inline void gemm_panels_512(const float* W, int64_t M, int64_t K, const float* B, int64_t b_stride,
@@ -172,9 +153,11 @@ MOEE_FAST_AVX512 inline void gemm_panels_512(const float* W, int64_t M, int64_t 
       const int64_t rows = std::min(MR, M - m0);
       int64_t p = 0;
       for (; p + 2 <= panels; p += 2)
-        tile_panels_512<MR, 2>(a, K, rows, B + p * b_stride + kb * kNR, b_stride, kc, C + p * c_panel + m0 * kNR, c_panel, kb > 0);
+        tile_panels_512<MR, 2>(a, K, rows, B + p * b_stride + kb * kNR, kNR, b_stride, kc, C + p * c_panel + m0 * kNR, kNR,
+                               c_panel, kb > 0, nullptr);
       if (p < panels)
-        tile_panels_512<MR, 1>(a, K, rows, B + p * b_stride + kb * kNR, b_stride, kc, C + p * c_panel + m0 * kNR, c_panel, kb > 0);
+        tile_panels_512<MR, 1>(a, K, rows, B + p * b_stride + kb * kNR, kNR, b_stride, kc, C + p * c_panel + m0 * kNR, kNR,
+                               c_panel, kb > 0, nullptr);
     }
   }
 }
@@ -189,7 +172,7 @@ inline void gemm_panels(const float* W, int64_t M, int64_t K, const float* B, in
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
       for (int64_t p = 0; p < panels; ++p)
         tile_x16_avx2<kMR>(W + m0 * K + kb, K, std::min(kMR, M - m0), B + p * b_stride + kb * kNR, kNR, kc,
-                      C + p * M * kNR + m0 * kNR, kNR, kb > 0, nullptr);
+                           C + p * M * kNR + m0 * kNR, kNR, kb > 0, nullptr);
   }
 }
 
