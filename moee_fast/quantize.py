@@ -244,18 +244,15 @@ class _RowsInputs:
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-@functools.cache
-def _rows_class(base: type) -> type:
-    return type(f"{base.__name__}OnRows", (_RowsInputs, base), {})
-
-
 def run_int8_linears_on_rows(model: nn.Module) -> int:
     """Give every bitsandbytes 8-bit linear the 2-D view of inputs with more than 3 dimensions;
     returns how many modules. The class changes, not the instance, so nothing is patched per call."""
+    from .quantized_experts import mixed_class
+
     changed = 0
     for module in model.modules():
         base = type(module)
         if base.__name__ == "Linear8bitLt" and base.__module__.startswith("bitsandbytes."):
-            module.__class__ = _rows_class(base)
+            module.__class__ = mixed_class(_RowsInputs, base, f"{base.__name__}OnRows")
             changed += 1
     return changed

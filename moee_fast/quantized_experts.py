@@ -182,8 +182,10 @@ def quantizable_experts(module: nn.Module) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _quantized_class(cls: type) -> type:
-    return type(f"Quantized{cls.__name__}", (QuantizedExperts, cls), {})
+def mixed_class(mixin: type, base: type, name: str) -> type:
+    """`base` with `mixin`'s methods in front, made once per pair: a module whose class is swapped
+    for it keeps its state and its isinstance checks."""
+    return type(name, (mixin, base), {})
 
 
 def make_quantized(module: nn.Module, method: str, blocksize: int = 64, double_quant: bool = True) -> None:
@@ -192,7 +194,7 @@ def make_quantized(module: nn.Module, method: str, blocksize: int = 64, double_q
     experts, two_inter, hidden = module.gate_up_proj.shape
     inter = two_inter // 2
     settings = dict(method=method, blocksize=blocksize, double_quant=double_quant)
-    module.__class__ = _quantized_class(type(module))
+    module.__class__ = mixed_class(QuantizedExperts, type(module), f"Quantized{type(module).__name__}")
     module._is_hf_initialized = True
     module.gate = QuantizedMatrices(experts, inter, hidden, **settings)
     module.up = QuantizedMatrices(experts, inter, hidden, **settings)

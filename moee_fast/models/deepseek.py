@@ -447,8 +447,9 @@ def load_deepseek(
     copied once into its parameter on `device` in `dtype`; the LM head is never read. Pickle
     (`.bin`) checkpoints load only with `allow_pickle=True`, through torch.load(weights_only=True).
     With a bitsandbytes `quantization_config`, every nn.Linear weight and every routed expert's
-    matrix is quantized as it is read (moee_fast.quantize), so the peak stays near the quantized size. `device_map` may only name
-    one device ({"": device}); sharding and offload are not supported here.
+    matrix is quantized as it is read (moee_fast.quantize), so the peak stays near the quantized
+    size. `device_map` may only name one device ({"": device}); sharding and offload are not
+    supported here.
     """
     device = _single_device(device_map, device)
     if unsupported:
