@@ -2,7 +2,12 @@
 C++ CPU extension.
 
 `kernels/` is installed as `moee_fast.kernels`, never as a top-level `kernels` module: that name
-belongs to Hugging Face's `kernels` package, which transformers imports when it is installed.
+belongs to Hugging Face's `kernels` package, which transformers 5 requires and imports. So that no
+process whose path holds the checkout root (pytest, `python -m ...`, a shell opened there) can find
+our folder in its place, `kernels/` has no `__init__.py`: to Python it is at most a namespace
+portion, and an installed regular package of the same name always wins over one. Inside
+moee_fast it is a namespace subpackage too: `moee_fast/kernels` is a link to `../kernels` in the
+checkout (what editable installs import), and `package_dir` copies the folder there in a wheel.
 
 The extension is built only when torch is importable at build time (install with
 `pip install --no-build-isolation`) and a C++ compiler works; otherwise the package installs

@@ -121,8 +121,7 @@ class MoEEncoder:
         dtype = _resolve_dtype(dtype, device)
         if hf_kwargs.pop("attn_implementation", None) is not None:
             warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=2)
-        if hf_kwargs.pop("trust_remote_code", False):
-            raise ValueError("moee-fast never runs code shipped with a checkpoint; drop trust_remote_code")
+        loading.refuse_remote_code(hf_kwargs)
         hf_kwargs = with_quantization(hf_kwargs, quantize, device)
         shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
         try:

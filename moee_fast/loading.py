@@ -5,6 +5,11 @@ transformers runs a checkpoint's own `configuration_*.py` / `modeling_*.py` when
 maps a model type transformers does not know (`auto_map`), after asking on the terminal. Every
 loader call here passes `trust_remote_code=False`, and a model type neither transformers nor
 moee-fast implements is refused before transformers sees it.
+
+Nor does code come from the Hub's kernel repositories: transformers (5.x) swaps layers for Hub
+kernels by default (`use_kernels`) and bitsandbytes' CPU backend fetches one when it is first
+imported. Every model load passes `use_kernels=False`, and bitsandbytes is imported only through
+`import_bitsandbytes()`, which keeps its kernel fetch from running.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import os
 
 NO_REMOTE_CODE = {"trust_remote_code": False}
+NO_HUB_KERNELS = {"use_kernels": False}
 
 # What tokenizer classes read; a checkpoint directory without any of them has no vocabulary.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
@@ -100,11 +106,55 @@ def _cached_snapshot(name: str, hf_kwargs: dict) -> str:
 
 
 def transformers_kwargs(hf_kwargs: dict) -> dict:
-    """Keyword arguments for transformers' model loader: never checkpoint code, and pickle
-    weights only when the caller passed allow_pickle=True."""
+    """Keyword arguments for transformers' model loader: never checkpoint code nor Hub kernels,
+    and pickle weights only when the caller passed allow_pickle=True."""
     kwargs = {key: value for key, value in hf_kwargs.items() if key != "allow_pickle"}
     kwargs.setdefault("use_safetensors", not hf_kwargs.get("allow_pickle", False))
-    return {**kwargs, **NO_REMOTE_CODE}
+    return {**kwargs, **NO_REMOTE_CODE, **NO_HUB_KERNELS}
+
+
+def refuse_remote_code(hf_kwargs: dict) -> None:
+    """A caller's request for code from outside the installed packages is an error, not a no-op."""
+    if hf_kwargs.pop("trust_remote_code", False):
+        raise ValueError("moee-fast never runs code shipped with a checkpoint; drop trust_remote_code")
+    if hf_kwargs.pop("use_kernels", False):
+        raise ValueError("moee-fast never loads kernels from the Hub (its own fast path replaces those layers); drop use_kernels")
+    hf_kwargs.pop("kernel_config", None)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without letting it fetch a kernel from the Hub.
+
+    Its CPU backend (0.50), on CPUs with AVX512-BF16, calls Hugging Face `kernels.get_kernel` at
+    import to download a 4-bit GEMM, and logs a warning when that fails (always, offline). Here
+    that call raises at once, and its warning is not printed; bitsandbytes then keeps its own
+    kernels, which is what it does whenever the download fails."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    import logging
+
+    try:
+        import kernels as hub_kernels
+    except ImportError:
+        hub_kernels = None
+    original = getattr(hub_kernels, "get_kernel", None)
+
+    def refuse(repo_id, *args, **kwargs):
+        raise RuntimeError(f"moee-fast does not load Hub kernels ({repo_id})")
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level, logger.disabled = logger.disabled, True
+    if original is not None:
+        hub_kernels.get_kernel = refuse
+    try:
+        import bitsandbytes
+    finally:
+        logger.disabled = level
+        if original is not None:
+            hub_kernels.get_kernel = original
+    return bitsandbytes
 
 
 def check_safetensors_file(path: str) -> None:

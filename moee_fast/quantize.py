@@ -27,10 +27,12 @@ EXTRA_HINT = "pip install moee-fast[quant]"
 
 def require_quant_extras() -> None:
     """Import bitsandbytes and accelerate, or fail naming the extra that installs them."""
+    from .loading import import_bitsandbytes  # bitsandbytes' import must not fetch Hub kernels
+
     missing = []
-    for module in ("bitsandbytes", "accelerate"):
+    for module, load in (("bitsandbytes", import_bitsandbytes), ("accelerate", lambda: __import__("accelerate"))):
         try:
-            __import__(module)
+            load()
         except ImportError:
             missing.append(module)
     if missing:

@@ -103,3 +103,47 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor
     """Per-row ‖actual − expected‖ / ‖expected‖ (NaN anywhere gives NaN, which fails any bound)."""
     actual, expected = actual.double().flatten(1), expected.double().flatten(1)
     return (actual - expected).norm(dim=1) / expected.norm(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite writes only under temporary directories or ignored paths: a run that changes the work
+# tree (a tracked file rewritten, an untracked file left) fails, naming what changed.
+def _work_tree_state():
+    import subprocess
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:  # not a git checkout (an unpacked sdist): nothing to compare
+        return None
+    lines = set(proc.stdout.splitlines())
+    digests = {}
+    for line in lines:  # a file already modified before the run may be modified again by it
+        path = os.path.join(root, os.pardir, line[3:].split(" -> ")[-1])
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digests[line] = hash(handle.read())
+    return lines, digests
+
+
+_TREE_BEFORE = {}
+
+
+def pytest_sessionstart(session):
+    _TREE_BEFORE["state"] = _work_tree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = _TREE_BEFORE.get("state")
+    after = _work_tree_state() if before is not None else None
+    if before is None or after is None or after == before:
+        return
+    changed = sorted((after[0] ^ before[0]) | {line for line in after[1] if after[1][line] != before[1].get(line)})
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "the test suite changed the work tree (tests must write under tmp_path):\n  " + "\n  ".join(changed)
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
