@@ -131,7 +131,7 @@ def import_bitsandbytes():
     kernels, which is what it does whenever the download fails."""
     import sys
 
-    if "bitsandbytes" in sys.modules:
+    if sys.modules.get("bitsandbytes") is not None:  # None: marked unimportable, so the import below raises
         return sys.modules["bitsandbytes"]
     import logging
 
