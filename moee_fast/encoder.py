@@ -1,10 +1,10 @@
 """MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token) out.
 
-One packed forward per batch through the base model (no LM head), with forward hooks on the
-routers that keep only what the embedding reads: each MoE router's row at the last tokens,
-reduced to fp32 scores as its layer runs. Everything that makes the forward fast (packed
-attention, fused ops, the last layer on the last tokens only) is moee_fast.fastpath, installed
-by the constructor; `enc.fast_path` says what it applied.
+One packed forward per batch through the base model (no LM head). The fast path, installed by
+the constructor, holds the router tap (hooks that keep each MoE router's row at the last tokens,
+as fp32 scores, as its layer runs) and whatever makes the forward fast (packed attention, fused
+ops, the last layer on the last tokens only); `enc.fast_path` says what it applied, and
+`enc.fast_path.remove()` undoes all of it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .batching import Batch, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
 from .checks import check_context, check_finite_rows, check_max_length, check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
-from .fastpath import attention, state
+from .fastpath import attention, router_tap, state
 from .prompts import resolve_prompt, tokenize
 from .quantize import avoid_unsupported_cpu_packing, run_int8_linears_on_rows, with_quantization
 
@@ -34,33 +34,6 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 
 # Keys of from_pretrained's **hf_kwargs that also apply to the config and tokenizer.
 _SHARED_HF_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-
-
-class _RouterTap:
-    """Forward hooks on the MoE routers: inside one of this encoder's forwards, each keeps its
-    layer's rows at the last tokens, as fp32 scores, in that forward's state, so no all-token
-    router tensor outlives its layer and concurrent forwards never share what they keep."""
-
-    def __init__(self, routers: list[nn.Module], logits_index: int):
-        self.logits_index = logits_index
-        self.handles = [router.register_forward_hook(self._hook) for router in routers]
-
-    def _hook(self, module, args, output):
-        forward = state.current()
-        if forward is None or forward.owner is not self:  # not one of this encoder's forwards
-            return
-        logits = output[self.logits_index] if isinstance(output, (tuple, list)) else output
-        # A trimmed last layer routes only the B last tokens; every other layer routes N rows.
-        if logits.shape[0] == forward.batch_size:
-            rows = torch.arange(forward.batch_size, device=logits.device)
-        else:
-            rows = forward.last_on(logits.device)  # each router's own device under a device_map
-        if forward.scoring == "softmax":
-            forward.kept.append(ops.gather_router_softmax([logits], rows, check_rows=False)[:, 0])
-        elif forward.scoring == "sigmoid":
-            forward.kept.append(torch.sigmoid(logits.index_select(0, rows).float()))
-        else:  # "logits": the raw router scores
-            forward.kept.append(logits.index_select(0, rows).float())
 
 
 class MoEEncoder:
@@ -81,15 +54,14 @@ class MoEEncoder:
         fast_path: str | Iterable[str] = "all",
     ):
         self.model = model.eval().requires_grad_(False)  # inference only, in every thread
-        # Packed texts, fused ops, last-token trim: see moee_fast/fastpath and `self.fast_path`.
-        self.fast_path = fastpath.install(model, fast_path)
+        self.routers = adapter.routers(model)
+        # Router tap, packed texts, fused ops, last-token trim: see moee_fast/fastpath.
+        self.fast_path = fastpath.install(model, fast_path, self.routers, adapter.logits_position(model))
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
         self.device = _input_device(model)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
-        self.routers = adapter.routers(model)
-        self._tap = _RouterTap(self.routers, adapter.logits_position(model))
         # The padded SDPA fallback costs B x longest: then batch plans count padded slots.
         self._count_padding = "attention" in self.fast_path.parts and attention.runs_padded(model, self.device)
 
@@ -257,14 +229,16 @@ class MoEEncoder:
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]], scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One packed forward: each text's HS [B, H] and its routers' rows [B, L, E], fp32."""
+        if self.fast_path.removed:
+            raise RuntimeError("this encoder's fast path (its router tap included) was removed; build a new MoEEncoder on the model")
         input_ids, position_ids, layout = attention.pack(seqs, self.device, pin=self.device.type == "cuda")
-        forward = state.ForwardState(layout.last, input_ids.shape[1], scoring, owner=self._tap)
-        with state.running(forward):
+        forward = state.ForwardState(layout.last, input_ids.shape[1])
+        with state.running(forward), router_tap.keeping(self.fast_path.router_tap, scoring) as rows:
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
         hs = out.last_hidden_state[0]
         if hs.shape[0] != layout.batch_size:  # the final norm ran on every token (no "trim" part)
             hs = hs.index_select(0, forward.last_on(hs.device))
-        kept = forward.kept
+        kept = rows.kept
         return hs.float(), torch.stack([rows.to(kept[0].device) for rows in kept], dim=1)
 
 
