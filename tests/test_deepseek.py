@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_texts, relative_error, save_checkpoint
 from deepseek_reference import read_checkpoint, reference_embedding, write_checkpoint
 from moee_fast import MoEEncoder
-from moee_fast.models import NATIVE_LOADERS, DeepseekConfig, DeepseekModel
+from moee_fast.loading.models import NATIVE_LOADERS, DeepseekConfig, DeepseekModel
 
 VARIANTS = {
     "published": {},  # deepseek-moe-16b's structure: layer 0 dense, shared experts, no top-k renorm

@@ -175,8 +175,8 @@ def test_dense_checkpoint_is_refused_naming_the_families(tmp_path, tokenizer_cor
 
 
 def test_weights_load_straight_onto_an_accelerator_unless_the_caller_placed_them():
-    from moee_fast.encoder import _placement
+    from moee_fast.loading.placement import placement
 
-    assert _placement(torch.device("cuda:1"), {}) == {"device_map": {"": torch.device("cuda:1")}}
-    assert _placement(torch.device("cuda"), {"device_map": "auto"}) == {}  # the caller's map stands
-    assert _placement(torch.device("cpu"), {}) == {}  # transformers loads on CPU anyway
+    assert placement(torch.device("cuda:1"), {}) == {"device_map": {"": torch.device("cuda:1")}}
+    assert placement(torch.device("cuda"), {"device_map": "auto"}) == {}  # the caller's map stands
+    assert placement(torch.device("cpu"), {}) == {}  # transformers loads on CPU anyway

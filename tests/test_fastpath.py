@@ -160,7 +160,7 @@ def test_parts_are_inactive_outside_an_encoder_forward(checkpoint):
 
 def test_the_native_deepseek_model_runs_the_same_parts_and_restores_exactly(tmp_path, tokenizer_corpus):
     from deepseek_reference import write_checkpoint
-    from moee_fast.models import load_deepseek
+    from moee_fast.loading.models import load_deepseek
 
     path = write_checkpoint(tmp_path, tokenizer_corpus, seed=5)
     texts = random_texts(7, seed=6, max_words=40)
