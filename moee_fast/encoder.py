@@ -18,7 +18,7 @@ from torch import nn
 
 from . import fastpath, loading, ops
 from .adapters import Adapter
-from .batching import Batch, plan_batches
+from .packing import Batch, pack, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
 from .checks import check_context, check_finite_rows, check_max_length, check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
@@ -196,7 +196,7 @@ class MoEEncoder:
         """One packed forward: each text's HS [B, H] and its routers' rows [B, L, E], fp32."""
         if self.fast_path.removed:
             raise RuntimeError("this encoder's fast path (its router tap included) was removed; build a new MoEEncoder on the model")
-        input_ids, position_ids, layout = attention.pack(seqs, self.device, pin=self.device.type == "cuda")
+        input_ids, position_ids, layout = pack(seqs, self.device, pin=self.device.type == "cuda")
         forward = state.ForwardState(layout.last, input_ids.shape[1])
         with state.running(forward), router_tap.keeping(self.fast_path.router_tap, scoring) as keeping:
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
