@@ -34,11 +34,11 @@ _PROBE = "The quick brown fox jumps over the lazy dog."
 
 def load_config(name: str, **hf_kwargs):
     """The checkpoint's config, as transformers' (or moee-fast's own) config class for its
-    model_type; an unknown model_type is refused, naming it and the supported families."""
+    model_type; an unknown model_type is refused, naming it and the supported families. The
+    families transformers lacks are known once moee_fast.loading.models is imported (load does)."""
     from transformers import AutoConfig, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from . import models  # noqa: F401  (registers the configs of the families transformers lacks)
     from ..adapters import supported_families
 
     config_dict, _ = PretrainedConfig.get_config_dict(name, **hf_kwargs)  # reads JSON only
