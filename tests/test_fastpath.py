@@ -11,8 +11,7 @@ from torch import nn
 from moee_fast import MoEEncoder, fastpath
 from moee_fast.adapters import adapter_for
 from moee_fast.fastpath import PARTS, state
-from conftest import random_texts, relative_error
-from test_encoder import reference_embeddings
+from conftest import random_texts, reference_embeddings, relative_error
 
 
 def _load(path):

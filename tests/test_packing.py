@@ -7,8 +7,7 @@ from moee_fast import MoEEncoder
 from moee_fast.fastpath import attention
 from moee_fast.fastpath.attention import packed_attention
 from moee_fast.packing import pack
-from conftest import random_texts, relative_error, save_checkpoint
-from test_encoder import reference_embeddings
+from conftest import random_texts, reference_embeddings, relative_error, save_checkpoint
 
 
 def test_pack_layout():
