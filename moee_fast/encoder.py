@@ -25,9 +25,8 @@ from .embeddings import MoEEmbeddings
 from .fastpath import attention, router_tap, state
 from .prompts import resolve_prompt, tokenize
 
-# Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
-# 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
-# larger batches fill the chip (gpu_report.py).
+# Tokens per packed forward. On CPU more rows per expert stop paying once activations leave L2;
+# on CUDA larger batches fill the chip (measurements: benchmarks/results/cpu_ops_auto.md, gpu_report.py).
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 
 class MoEEncoder:

@@ -24,13 +24,9 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 _SCORE_TILE_BYTES = {"cuda": 256 << 20}
 _DEFAULT_SCORE_TILE_BYTES = 32 << 20
 
-# What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch. Measured on a
-# shared 2-core x86-64 (AVX2) VM, torch 2.13 + MKL, both backends interleaved, best of many runs:
-#   gather_router_softmax B=128, E=64, L=16 / L=27 / one layer: C++ 0.288 / 0.455 / 0.074 ms vs torch
-#     0.390 / 0.680 / 0.075 ms (1.36x / 1.49x / 1.00x; bf16 logits 1.23-1.49x), with the AVX2 exp
-#     (csrc/vec_math.h); the earlier scalar exp made the C++ op 0.64-0.85x of torch.
-#   combined_cosine 1k x 10k, H=2048, RW=1024: fp32 1,883 vs 1,971 ms (1.05x), bf16 1,164 vs 1,414 ms (1.22x).
-#   topk_combined_cosine k=10, 1k x 20k, same widths: 2,657 vs 2,984 ms (1.12x).
+# What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch (each op
+# reads its inputs once and keeps the exp vectorized; the measurements are in
+# benchmarks/results/cpu_ops_auto.md).
 _CPU_AUTO = {"gather_router_softmax": "cpp", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
 
 def _triton_interpreted():

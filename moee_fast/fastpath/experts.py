@@ -22,12 +22,9 @@ from .patching import PartReport, hold, unpatchable_reason
 
 NAME = "moee_sorted"
 
-# Why the C++ op where it applies: whole-encode throughput on the scaled OLMoE (benchmarks/models.py,
-# 128-text synthetic corpus, 370 useful GFLOP), shared 2-core AVX2 VM, both paths interleaved in one
-# process, as a fraction of a 2048x2048 fp32 matmul timed before each run: the op with BLAS GEMMs
-# ran at 0.49-0.52 of that peak where the Python path ran at 0.35-0.38. The op alone (T=1600, H=256,
-# I=128, E=64, top-8), interleaved in one process: 18.9 ms with its own AVX2 kernels against 20.0 ms
-# with MKL GEMMs, whose per-call packing of the weights and beta scaling took ~20% of the op.
+# Why the C++ op where it applies: it keeps each expert's slice in cache and shares the experts
+# among threads, and its own GEMM kernels skip the per-call weight packing a BLAS GEMM pays
+# (measurements: benchmarks/results/cpu_ops_auto.md).
 _SILU = ("silu", "swish")
 QUANTIZED_REASON = "quantized routed experts: their own loop dequantizes each active expert (moee_fast.loading.quantization)"
 
