@@ -21,7 +21,8 @@ import torch
 PROBE = textwrap.dedent(
     """
     import resource, sys, torch, transformers
-    from moee_fast import MoEEncoder, models  # every import done before the baseline
+    from moee_fast import MoEEncoder
+    from moee_fast.loading import models  # every import done before the baseline
 
     def resident_bytes():
         with open("/proc/self/statm") as f:
