@@ -21,7 +21,8 @@ import torch
 PROBE = textwrap.dedent(
     """
     import resource, sys, torch, transformers
-    from moee_fast import MoEEncoder, models  # every import done before the baseline
+    from moee_fast import MoEEncoder
+    from moee_fast.loading import models  # every import done before the baseline
 
     def resident_bytes():
         with open("/proc/self/statm") as f:
@@ -46,7 +47,7 @@ SYNTHETIC = dict(
 def write_synthetic_checkpoint(path: str) -> None:
     from moee_fast.demo import SAMPLE_TEXTS, build_tokenizer
     from benchmarks.models import save_random_checkpoint
-    from moee_fast.models.deepseek import DeepseekConfig
+    from moee_fast.loading.models.deepseek import DeepseekConfig
 
     tokenizer = build_tokenizer(SAMPLE_TEXTS * 4, vocab_size=400)
     config = DeepseekConfig(**SYNTHETIC, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -36,7 +36,8 @@ PROBE = textwrap.dedent(
     """
     import ctypes, ctypes.util, json, resource, sys, threading, time, torch, transformers
     from safetensors.torch import save_file
-    from moee_fast import MoEEncoder, models, quantize  # every import done before the baseline
+    from moee_fast import MoEEncoder
+    from moee_fast.loading import models, quantization as quantize  # every import done before the baseline
     import bitsandbytes, accelerate
     sys.path.insert(0, sys.argv[4])
     from corpus import synthetic_corpus

@@ -170,7 +170,7 @@ def step_attention(ctx: Context) -> dict:
         return dict(status="not available", reason=f"{type(exc).__name__}: {exc}")
     pack = getattr(attention, "pack", None)
     if pack is None:
-        from moee_fast.fastpath.packing import pack
+        from moee_fast.packing import pack
     lengths = [64] + [4] * 60 if ctx.dry else [512] + [8] * 4032
     heads, head_dim = (2, 16) if ctx.dry else (16, 128)
     dtype = torch.float32 if ctx.dry else torch.bfloat16

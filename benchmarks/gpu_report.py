@@ -119,7 +119,7 @@ class ModelBench:
 def bench_model(key: str, config, args, tokenizer, corpus: list[str], matmul: float, log) -> None:
     """Both baselines first (MoEEncoder patches the shared base model), then moee-fast, then vLLM."""
     from moee_fast import MoEEncoder
-    from moee_fast import models as _native_families  # noqa: F401  (registers DeepSeekMoE's adapter)
+    from moee_fast.loading import models as _native_families  # noqa: F401  (registers DeepSeekMoE's adapter)
     from moee_fast.adapters import adapter_for
 
     label, device = LABELS[key], args.device

@@ -25,7 +25,7 @@ def scaled_configs(num_hidden_layers: int | None = None) -> dict:
     """The CPU-sized benchmark configs; `num_hidden_layers` overrides every family's depth."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
-    from moee_fast.models.deepseek import DeepseekConfig
+    from moee_fast.loading.models.deepseek import DeepseekConfig
 
     # OLMoE-1B-7B: H 2048, 16 layers, 16 heads, 64 experts, top-8, expert width H/2, vocab ~25H.
     olmoe = OlmoeConfig(
@@ -59,7 +59,7 @@ def full_size_configs() -> dict:
     """The published configs' shapes (values that change no FLOP count, like rope scaling, too)."""
     from transformers import OlmoeConfig, Qwen2MoeConfig
 
-    from moee_fast.models.deepseek import DeepseekConfig
+    from moee_fast.loading.models.deepseek import DeepseekConfig
 
     return {
         "olmoe": OlmoeConfig(
@@ -89,7 +89,7 @@ def smoke_configs() -> dict:
     and shared experts) at a size a CPU runs in seconds."""
     from transformers import OlmoeConfig, Qwen2MoeConfig
 
-    from moee_fast.models.deepseek import DeepseekConfig
+    from moee_fast.loading.models.deepseek import DeepseekConfig
 
     common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                   vocab_size=1024, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
@@ -109,7 +109,7 @@ def build_causal_lm(config, device: torch.device, dtype: torch.dtype):
     if config.model_type == "deepseek":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        from moee_fast.models.deepseek import DeepseekModel
+        from moee_fast.loading.models.deepseek import DeepseekModel
 
         with torch.device("meta"):
             base = DeepseekModel(config).to(dtype)  # no memory until to_empty: no fp32 copy
@@ -166,7 +166,8 @@ def save_random_checkpoint(config: DeepseekConfig, path: str, std: float = 0.02,
     does not depend on trained values. Draws from torch's global generator."""
     from safetensors.torch import save_file
 
-    from moee_fast.models.deepseek import SAFETENSORS_INDEX, DeepseekModel, checkpoint_plan
+    from moee_fast.loading.checkpoint import SAFETENSORS_INDEX
+    from moee_fast.loading.models.deepseek import DeepseekModel, checkpoint_plan
 
     with torch.device("meta"):
         model = DeepseekModel(config)

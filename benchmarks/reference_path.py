@@ -23,7 +23,7 @@ CAREFUL_BATCH = 32
 def _is_deepseek(path: str) -> bool:
     from transformers import AutoConfig
 
-    import moee_fast.models  # noqa: F401  (registers DeepSeekMoE's config)
+    import moee_fast.loading.models  # noqa: F401  (registers DeepSeekMoE's config)
 
     return AutoConfig.from_pretrained(path).model_type == "deepseek"
 
@@ -53,7 +53,7 @@ def load_careful_model(path: str, dtype=torch.float32, device="cpu"):
     from transformers import AutoModel
 
     if _is_deepseek(path):
-        from moee_fast.models import load_deepseek
+        from moee_fast.loading.models import load_deepseek
 
         base = load_deepseek(path, dtype=dtype, device=torch.device(device), attn_implementation="sdpa")
         model = DeepseekCausalLM(base, lm_head=None).eval()
@@ -128,7 +128,7 @@ class DeepseekCausalLM(torch.nn.Module):
 
         from safetensors import safe_open
 
-        from moee_fast.models import load_deepseek
+        from moee_fast.loading.models import load_deepseek
 
         base = load_deepseek(path, config=None, dtype=dtype, device=torch.device(device))
         index = os.path.join(path, "model.safetensors.index.json")

@@ -6,7 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moee_fast.checks import NORM_EPS  # one zero-norm guard for every backend
 
 from .grid import tiled_grid
 
@@ -59,9 +58,9 @@ def _combined_cosine_kernel(
     tl.store(out + offs_a[:, None] * stride_out + offs_b[None, :], scores, mask=in_a[:, None] & in_b[None, :])
 
 
-def inverse_norms(x):
+def inverse_norms(x, eps):
     """fp32 1 / max(|row|, eps) without materialising an fp32 copy of x."""
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min_(NORM_EPS).reciprocal_()
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min_(eps).reciprocal_()
 
 
 def _dot_precision(dtype, precision):
@@ -80,8 +79,8 @@ NUM_STAGES = 3
 
 def _tile_config(half_precision):
     """(BLOCK_A, BLOCK_B, BLOCK_K, num_warps): the largest tiles whose two fp32 accumulators (hs and
-    rw) fit in registers on sm_90 with no spill (ptxas -v, tests/test_kernel_compile.py); the
-    earlier 128x128x64 bf16 tile spilled 944 bytes per thread, 64x64 fp32 at 4 warps 48-416."""
+    rw) fit in registers on sm_90 with no spill (ptxas -v, tests/test_kernel_compile.py): a larger
+    tile spills and loses more than its reuse gains."""
     return (64, 128, 32, 8) if half_precision else (64, 64, 32, 8)
 
 
@@ -91,14 +90,15 @@ def launches(n_a, n_b, half_precision):
     return tiled_grid(triton.cdiv(n_b, block_b), triton.cdiv(n_a, block_a))
 
 
-def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha, out, precision, inv_norms=None, nan_as_neg_inf=False):
+def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha, out, precision, *, norm_eps, inv_norms=None, nan_as_neg_inf=False):
     """Inputs: 2-D, inner-contiguous, a/b dtypes matching per stream (fp32, bf16 or fp16).
     out: float32 [Na, Nb] (any row stride, unit column stride), fully overwritten.
     precision: tl.dot's input_precision for fp32 operands ("ieee", "tf32x3" or "tf32").
+    norm_eps: the zero-norm guard, 1 / max(|row|, norm_eps) (the caller's, shared by every backend).
     inv_norms: optional precomputed (a_hs, b_hs, a_rw, b_rw) inverse norms, e.g. reused across corpus tiles.
     nan_as_neg_inf: write NaN scores as -inf, for top-k to rank them last."""
     if inv_norms is None:
-        inv_norms = tuple(inverse_norms(x) for x in (a_hs, b_hs, a_rw, b_rw))
+        inv_norms = tuple(inverse_norms(x, norm_eps) for x in (a_hs, b_hs, a_rw, b_rw))
     n_a, n_b = a_hs.shape[0], b_hs.shape[0]
     half_precision = a_hs.element_size() == 2 and a_rw.element_size() == 2
     block_a, block_b, block_k, num_warps = _tile_config(half_precision)

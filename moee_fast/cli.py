@@ -8,7 +8,7 @@ import time
 
 from .checks import RW_SOURCES, VARIANTS
 from .prompts import PRESETS
-from .quantize import QUANTIZE_CHOICES
+from .loading.quantization import QUANTIZE_CHOICES
 
 PRESET_NAMES = ", ".join(PRESETS)
 
@@ -32,12 +32,12 @@ def _sample_rows():
 def _check_encode_args(args) -> None:
     """Every check that needs no model, so a bad command fails in well under a second."""
     from .prompts import resolve_prompt
-    from .encoder import _resolve_dtype
+    from .loading.placement import resolve_dtype
 
     try:
         resolve_prompt(args.prompt)
         if args.dtype is not None:
-            _resolve_dtype(args.dtype, None)
+            resolve_dtype(args.dtype, None)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"moee encode: {exc}") from None
     single_file = args.output.lower().endswith(".safetensors")

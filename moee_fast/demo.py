@@ -81,12 +81,12 @@ def build_demo_checkpoint(path: str) -> str:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    from .encoder import _quiet_transformers
+    from .loading import quiet_transformers
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = OlmoeForCausalLM(config)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     with open(os.path.join(path, "README.md"), "w") as f:

@@ -1,15 +1,14 @@
 """MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token) out.
 
-One packed forward per batch through the base model (no LM head), with forward hooks on the
-routers that keep only what the embedding reads: each MoE router's row at the last tokens,
-reduced to fp32 scores as its layer runs. Everything that makes the forward fast (packed
-attention, fused ops, the last layer on the last tokens only) is moee_fast.fastpath, installed
-by the constructor; `enc.fast_path` says what it applied.
+One packed forward per batch through the base model (no LM head). The fast path, installed by
+the constructor, holds the router tap (hooks that keep each MoE router's row at the last tokens,
+as fp32 scores, as its layer runs) and whatever makes the forward fast (packed attention, fused
+ops, the last layer on the last tokens only); `enc.fast_path` says what it applied, and
+`enc.fast_path.remove()` undoes all of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -18,50 +17,17 @@ import torch
 from torch import nn
 
 from . import fastpath, loading, ops
-from .adapters import Adapter, adapter_for
-from .batching import Batch, plan_batches
+from .adapters import Adapter
+from .packing import Batch, pack, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
 from .checks import check_context, check_finite_rows, check_max_length, check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
-from .fastpath import attention, state
+from .fastpath import attention, router_tap, state
 from .prompts import resolve_prompt, tokenize
-from .quantize import avoid_unsupported_cpu_packing, run_int8_linears_on_rows, with_quantization
 
-# Tokens per packed forward. On CPU (scaled OLMoE, packed batches) 1536-2048 measured best, 4096
-# 5% and 8192 15% slower: more rows per expert no longer pay once activations leave L2. On CUDA
-# larger batches fill the chip (gpu_report.py).
+# Tokens per packed forward. On CPU more rows per expert stop paying once activations leave L2;
+# on CUDA larger batches fill the chip (measurements: benchmarks/results/cpu_ops_auto.md, gpu_report.py).
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
-
-# Keys of from_pretrained's **hf_kwargs that also apply to the config and tokenizer.
-_SHARED_HF_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-
-
-class _RouterTap:
-    """Forward hooks on the MoE routers: inside one of this encoder's forwards, each keeps its
-    layer's rows at the last tokens, as fp32 scores, in that forward's state, so no all-token
-    router tensor outlives its layer and concurrent forwards never share what they keep."""
-
-    def __init__(self, routers: list[nn.Module], logits_index: int):
-        self.logits_index = logits_index
-        self.handles = [router.register_forward_hook(self._hook) for router in routers]
-
-    def _hook(self, module, args, output):
-        forward = state.current()
-        if forward is None or forward.owner is not self:  # not one of this encoder's forwards
-            return
-        logits = output[self.logits_index] if isinstance(output, (tuple, list)) else output
-        # A trimmed last layer routes only the B last tokens; every other layer routes N rows.
-        if logits.shape[0] == forward.batch_size:
-            rows = torch.arange(forward.batch_size, device=logits.device)
-        else:
-            rows = forward.last_on(logits.device)  # each router's own device under a device_map
-        if forward.scoring == "softmax":
-            forward.kept.append(ops.gather_router_softmax([logits], rows, check_rows=False)[:, 0])
-        elif forward.scoring == "sigmoid":
-            forward.kept.append(torch.sigmoid(logits.index_select(0, rows).float()))
-        else:  # "logits": the raw router scores
-            forward.kept.append(logits.index_select(0, rows).float())
-
 
 class MoEEncoder:
     """Encode texts into MoEE embeddings with a Mixture-of-Experts decoder.
@@ -81,15 +47,14 @@ class MoEEncoder:
         fast_path: str | Iterable[str] = "all",
     ):
         self.model = model.eval().requires_grad_(False)  # inference only, in every thread
-        # Packed texts, fused ops, last-token trim: see moee_fast/fastpath and `self.fast_path`.
-        self.fast_path = fastpath.install(model, fast_path)
+        self.routers = adapter.routers(model)
+        # Router tap, packed texts, fused ops, last-token trim: see moee_fast/fastpath.
+        self.fast_path = fastpath.install(model, fast_path, self.routers, adapter.logits_position(model))
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.name = name
-        self.device = _input_device(model)
+        self.device = loading.input_device(model)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, 8192)
-        self.routers = adapter.routers(model)
-        self._tap = _RouterTap(self.routers, adapter.logits_position(model))
         # The padded SDPA fallback costs B x longest: then batch plans count padded slots.
         self._count_padding = "attention" in self.fast_path.parts and attention.runs_padded(model, self.device)
 
@@ -104,43 +69,14 @@ class MoEEncoder:
         device: None -> CUDA when available, else CPU; weights load straight onto it. dtype: None
         -> bfloat16 on CUDA, float32 on CPU. fast_path: "all", "none" or a set of parts of
         moee_fast.fastpath.PARTS (for debugging and A/B runs; embeddings agree to fp32 rounding).
-        quantize: None, "nf4" or "int8": the paper's bitsandbytes settings (moee_fast.quantize).
+        quantize: None, "nf4" or "int8": the paper's bitsandbytes settings (moee_fast.loading.quantization).
         Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
         quantization_config, experts_implementation (then the experts part is left off), ...).
         """
-        from transformers import AutoModel
-
-        from . import models  # registers the families transformers lacks
-
-        name = os.path.expanduser(os.fspath(name_or_path))
-        _check_location(name)
         parts = fastpath.resolve_parts(fast_path)
         if "experts_implementation" in hf_kwargs:  # the caller's choice of experts kernels stands
             parts = tuple(part for part in parts if part != "experts")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _resolve_dtype(dtype, device)
-        if hf_kwargs.pop("attn_implementation", None) is not None:
-            warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=2)
-        loading.refuse_remote_code(hf_kwargs)
-        hf_kwargs = with_quantization(hf_kwargs, quantize, device)
-        shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
-        try:
-            config = loading.load_config(name, **shared)
-        except OSError as exc:
-            raise OSError(f"could not load a checkpoint from {name!r}: not a local directory, and {exc}") from exc
-        model_class = _base_model_class(config)
-        adapter = adapter_for(config.model_type, model_class)
-
-        loading.check_weight_files(loading.checkpoint_directory(name, hf_kwargs.get("subfolder")), hf_kwargs.get("allow_pickle", False))
-        with _quiet_transformers(), loading.naming_unreadable_weights(name, hf_kwargs):
-            if config.model_type in models.NATIVE_LOADERS:  # streams each tensor onto `device`
-                model = models.NATIVE_LOADERS[config.model_type](name, config=config, dtype=dtype, device=device, **hf_kwargs)
-            else:
-                kwargs = loading.transformers_kwargs(hf_kwargs)
-                model = AutoModel.from_pretrained(name, dtype=dtype, **_placement(device, kwargs), **kwargs)
-        avoid_unsupported_cpu_packing(model)
-        run_int8_linears_on_rows(model)
-        tokenizer = loading.load_tokenizer(name, **shared)
+        model, tokenizer, adapter, name = loading.load(name_or_path, device, dtype, quantize, **hf_kwargs)
         return cls(model, tokenizer, adapter, name=name, fast_path=parts)
 
     # ----------------------------------------------------------------------------------------
@@ -257,14 +193,16 @@ class MoEEncoder:
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]], scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One packed forward: each text's HS [B, H] and its routers' rows [B, L, E], fp32."""
-        input_ids, position_ids, layout = attention.pack(seqs, self.device, pin=self.device.type == "cuda")
-        forward = state.ForwardState(layout.last, input_ids.shape[1], scoring, owner=self._tap)
-        with state.running(forward):
+        if self.fast_path.removed:
+            raise RuntimeError("this encoder's fast path (its router tap included) was removed; build a new MoEEncoder on the model")
+        input_ids, position_ids, layout = pack(seqs, self.device, pin=self.device.type == "cuda")
+        forward = state.ForwardState(layout.last, input_ids.shape[1])
+        with state.running(forward), router_tap.keeping(self.fast_path.router_tap, scoring) as keeping:
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
         hs = out.last_hidden_state[0]
         if hs.shape[0] != layout.batch_size:  # the final norm ran on every token (no "trim" part)
             hs = hs.index_select(0, forward.last_on(hs.device))
-        kept = forward.kept
+        kept = keeping.kept
         return hs.float(), torch.stack([rows.to(kept[0].device) for rows in kept], dim=1)
 
 
@@ -276,74 +214,6 @@ def _check_texts(texts) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
     return list(texts)
-
-
-def _check_location(name: str) -> None:
-    """A path that is not a directory fails here, naming it; anything shaped like a Hub id
-    ("name" or "org/name") is left to transformers."""
-    if os.path.isdir(name):
-        return
-    parts = name.split("/")
-    hub_like = len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and os.sep == "/"
-    if not hub_like or os.path.exists(name):
-        raise FileNotFoundError(f"no checkpoint directory at {name!r}")
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where a batch's inputs go: the execution device accelerate's hooks name when a device_map
-    spread or offloaded the model (offloaded weights wait on the meta device), else its first
-    parameter's device that holds data."""
-    for module in model.modules():  # the embedding comes first in every family
-        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
-
-
-def _placement(device: torch.device, hf_kwargs: dict) -> dict:
-    """Load straight onto an accelerator (no pass through host memory) unless the caller placed
-    the model with a device_map; CPU is where transformers loads anyway."""
-    if device.type == "cpu" or "device_map" in hf_kwargs:
-        return {}
-    return {"device_map": {"": device}}
-
-
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
-        return resolved
-    return dtype
-
-
-def _base_model_class(config):
-    """The base-model class (no LM head) transformers maps this config to, or None."""
-    from transformers import AutoModel
-
-    try:
-        return AutoModel._model_mapping[type(config)]
-    except KeyError:
-        return None
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """The base model loads from a causal-LM checkpoint: its unused lm_head weights are expected,
-    so transformers' load report about them, and its per-shard progress bar, are noise."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _stderr_is_tty() -> bool:

@@ -24,13 +24,9 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 _SCORE_TILE_BYTES = {"cuda": 256 << 20}
 _DEFAULT_SCORE_TILE_BYTES = 32 << 20
 
-# What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch. Measured on a
-# shared 2-core x86-64 (AVX2) VM, torch 2.13 + MKL, both backends interleaved, best of many runs:
-#   gather_router_softmax B=128, E=64, L=16 / L=27 / one layer: C++ 0.288 / 0.455 / 0.074 ms vs torch
-#     0.390 / 0.680 / 0.075 ms (1.36x / 1.49x / 1.00x; bf16 logits 1.23-1.49x), with the AVX2 exp
-#     (csrc/vec_math.h); the earlier scalar exp made the C++ op 0.64-0.85x of torch.
-#   combined_cosine 1k x 10k, H=2048, RW=1024: fp32 1,883 vs 1,971 ms (1.05x), bf16 1,164 vs 1,414 ms (1.22x).
-#   topk_combined_cosine k=10, 1k x 20k, same widths: 2,657 vs 2,984 ms (1.12x).
+# What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch (each op
+# reads its inputs once and keeps the exp vectorized; the measurements are in
+# benchmarks/results/cpu_ops_auto.md).
 _CPU_AUTO = {"gather_router_softmax": "cpp", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
 
 def _triton_interpreted():
@@ -279,7 +275,7 @@ def combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha=1.0, backend="auto", out=None,
     from .kernels.combined_cosine import combined_cosine as launch
 
     with _on_device(device):
-        return launch(*map(_triton_operand, (a_hs, a_rw, b_hs, b_rw)), alpha, out, precision)
+        return launch(*map(_triton_operand, (a_hs, a_rw, b_hs, b_rw)), alpha, out, precision, norm_eps=NORM_EPS)
 
 
 def default_corpus_tile(n_queries, k, device):
@@ -326,7 +322,41 @@ def topk_combined_cosine(
     if backend == "cpp":
         return tuple(torch.ops.moee_fast.topk_combined_cosine.out(
             q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values=values, indices=indices))
-    from .kernels.topk_combined_cosine import topk_combined_cosine as launch
-
     with _on_device(device):
-        return launch(*map(_triton_operand, (q_hs, q_rw, c_hs, c_rw)), k, alpha, corpus_tile, values, indices, precision)
+        return _triton_topk_combined_cosine(
+            *map(_triton_operand, (q_hs, q_rw, c_hs, c_rw)), k, alpha, corpus_tile, values, indices, precision)
+
+
+def _triton_topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, values, indices, precision):
+    """Top-k of the combined cosine per query, streaming the corpus through the Triton
+    combined_cosine kernel so [Nq, Nc] is never materialised.
+
+    values float32 [Nq, k] / indices int64 [Nq, k] are fully overwritten, sorted by descending value;
+    NaN scores rank last (written as -inf by the kernel, NaN again at the end).
+
+    One buffer [Nq, k + tile] holds the running top-k in its first k columns; the kernel writes each
+    corpus tile's scores straight into the rest, and torch.topk merges the two. Memory: Nq * (k + tile).
+    """
+    n_queries, n_corpus = q_hs.shape[0], c_hs.shape[0]
+    tile = max(k, min(corpus_tile, n_corpus))  # the first tile alone must fill the top-k
+    candidates = torch.empty((n_queries, k + tile), dtype=torch.float32, device=q_hs.device)
+    from .kernels.combined_cosine import combined_cosine, inverse_norms
+
+    q_norms = (inverse_norms(q_hs, NORM_EPS), inverse_norms(q_rw, NORM_EPS))
+    c_hs_norms, c_rw_norms = inverse_norms(c_hs, NORM_EPS), inverse_norms(c_rw, NORM_EPS)
+    kept = 0  # columns of `candidates` holding the running top-k (0 until the first merge)
+    for start in range(0, n_corpus, tile):
+        end = min(start + tile, n_corpus)
+        scores = candidates[:, kept:kept + end - start]
+        norms = (q_norms[0], c_hs_norms[start:end], q_norms[1], c_rw_norms[start:end])
+        combined_cosine(q_hs, q_rw, c_hs[start:end], c_rw[start:end], alpha, scores, precision,
+                        norm_eps=NORM_EPS, inv_norms=norms, nan_as_neg_inf=True)
+        top_values, positions = candidates[:, :kept + end - start].topk(k, dim=1)
+        # Position p < kept is a survivor from earlier tiles; otherwise it is corpus row start + p - kept.
+        from_tile = positions >= kept
+        previous = indices.gather(1, positions.clamp(max=kept - 1)) if kept else positions
+        indices.copy_(torch.where(from_tile, positions - kept + start, previous))
+        values.copy_(top_values)
+        candidates[:, :k] = top_values
+        kept = k
+    return values.masked_fill_(values == float("-inf"), float("nan")), indices

@@ -105,6 +105,23 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor
     return (actual - expected).norm(dim=1) / expected.norm(dim=1)
 
 
+def reference_embeddings(path: str, texts: list[str], prompt: str | None = None):
+    """HS and RW from transformers' causal-LM eager forward, each text alone: the last position
+    of the final hidden state and fp32 softmax of every recorded router logit row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hs, rw = [], []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text if prompt is None else prompt.replace("{text}", text), return_tensors="pt")["input_ids"]
+            out = model(ids, output_hidden_states=True, output_router_logits=True)
+            hs.append(out.hidden_states[-1][0, -1])
+            rw.append(torch.stack([torch.softmax(logits[-1].float(), dim=-1) for logits in out.router_logits]))
+    return torch.stack(hs), torch.stack(rw)
+
+
 # ---------------------------------------------------------------------------------------------
 # The suite writes only under temporary directories or ignored paths: a run that changes the work
 # tree (a tracked file rewritten, an untracked file left) fails, naming what changed.

@@ -1,7 +1,7 @@
 """Tiny DeepSeekMoE checkpoints in the published layout, and an independent float64 reference.
 
 The reference reads the same safetensors files and follows the architecture's formulas with
-explicit loops over tokens and experts; it shares no code with `moee_fast.models.deepseek`
+explicit loops over tokens and experts; it shares no code with `moee_fast.loading.models.deepseek`
 (its own RMSNorm, rotary embedding with linear scaling, attention and routing).
 """
 

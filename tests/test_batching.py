@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from moee_fast.batching import plan_batches
+from moee_fast.packing import plan_batches
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -19,8 +19,7 @@ import moee_fast
 from moee_fast import MoEEncoder, encode_corpus, load_corpus
 from moee_fast.corpus import CorpusInterrupted
 from moee_fast.corpus.job import CorpusJob
-from conftest import random_texts, relative_error
-from test_encoder import reference_embeddings
+from conftest import random_texts, reference_embeddings, relative_error
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_texts, relative_error, save_checkpoint
 from deepseek_reference import read_checkpoint, reference_embedding, write_checkpoint
 from moee_fast import MoEEncoder
-from moee_fast.models import NATIVE_LOADERS, DeepseekConfig, DeepseekModel
+from moee_fast.loading.models import NATIVE_LOADERS, DeepseekConfig, DeepseekModel
 
 VARIANTS = {
     "published": {},  # deepseek-moe-16b's structure: layer 0 dense, shared experts, no top-k renorm
@@ -196,7 +196,7 @@ def test_pickle_only_checkpoint_needs_opt_in(deepseek_checkpoint, tmp_path):
 def test_deepseek_v2_matches_transformers_eager(tmp_path, tokenizer_corpus):
     """DeepSeek-V2 runs transformers' own model; here with DeepSeek-V2's group-limited top-k and
     routed_scaling_factor (greedy top-k, V2-Lite's, is covered with the other families)."""
-    from test_encoder import reference_embeddings
+    from conftest import reference_embeddings
 
     path = save_checkpoint(tmp_path, "deepseek_v2", tokenizer_corpus, topk_method="group_limited_greedy", n_group=4,
                            topk_group=2, routed_scaling_factor=2.5, num_experts_per_tok=3)

@@ -9,26 +9,9 @@ from safetensors import safe_open
 
 from moee_fast import MoEEncoder, ops, supported_families
 from moee_fast.fastpath import PARTS
-from conftest import random_texts, relative_error
+from conftest import random_texts, reference_embeddings, relative_error
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2"]
-
-
-def reference_embeddings(path: str, texts: list[str], prompt: str | None = None):
-    """HS and RW from transformers' causal-LM eager forward, each text alone: the last position
-    of the final hidden state and fp32 softmax of every recorded router logit row."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    hs, rw = [], []
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text if prompt is None else prompt.replace("{text}", text), return_tensors="pt")["input_ids"]
-            out = model(ids, output_hidden_states=True, output_router_logits=True)
-            hs.append(out.hidden_states[-1][0, -1])
-            rw.append(torch.stack([torch.softmax(logits[-1].float(), dim=-1) for logits in out.router_logits]))
-    return torch.stack(hs), torch.stack(rw)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -175,8 +158,8 @@ def test_dense_checkpoint_is_refused_naming_the_families(tmp_path, tokenizer_cor
 
 
 def test_weights_load_straight_onto_an_accelerator_unless_the_caller_placed_them():
-    from moee_fast.encoder import _placement
+    from moee_fast.loading.placement import placement
 
-    assert _placement(torch.device("cuda:1"), {}) == {"device_map": {"": torch.device("cuda:1")}}
-    assert _placement(torch.device("cuda"), {"device_map": "auto"}) == {}  # the caller's map stands
-    assert _placement(torch.device("cpu"), {}) == {}  # transformers loads on CPU anyway
+    assert placement(torch.device("cuda:1"), {}) == {"device_map": {"": torch.device("cuda:1")}}
+    assert placement(torch.device("cuda"), {"device_map": "auto"}) == {}  # the caller's map stands
+    assert placement(torch.device("cpu"), {}) == {}  # transformers loads on CPU anyway

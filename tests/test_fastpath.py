@@ -11,8 +11,7 @@ from torch import nn
 from moee_fast import MoEEncoder, fastpath
 from moee_fast.adapters import adapter_for
 from moee_fast.fastpath import PARTS, state
-from conftest import random_texts, relative_error
-from test_encoder import reference_embeddings
+from conftest import random_texts, reference_embeddings, relative_error
 
 
 def _load(path):
@@ -160,7 +159,7 @@ def test_parts_are_inactive_outside_an_encoder_forward(checkpoint):
 
 def test_the_native_deepseek_model_runs_the_same_parts_and_restores_exactly(tmp_path, tokenizer_corpus):
     from deepseek_reference import write_checkpoint
-    from moee_fast.models import load_deepseek
+    from moee_fast.loading.models import load_deepseek
 
     path = write_checkpoint(tmp_path, tokenizer_corpus, seed=5)
     texts = random_texts(7, seed=6, max_words=40)
@@ -194,3 +193,59 @@ def test_a_model_accelerate_offloads_keeps_its_hooked_modules_and_still_encodes_
     texts = random_texts(6, seed=12, max_words=50)
     out, expected = enc.encode(texts), MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
     assert relative_error(out.hs, expected.hs).max() <= 1e-5 and relative_error(out.rw, expected.rw).max() <= 1e-5
+
+
+def _router_hooks(model) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def test_ten_encoders_on_one_model_share_one_set_of_router_hooks_and_remove_restores_it(checkpoint):
+    path = checkpoint("olmoe")
+    model, tokenizer = _load(path)
+    adapter = adapter_for("olmoe", type(model))
+    fresh = copy.deepcopy(model)
+    hooks_before = {name: dict(module._forward_hooks) for name, module in model.named_modules()}
+    texts = random_texts(5, seed=21, max_words=30)
+    encoders = [MoEEncoder(model, tokenizer, adapter, fast_path="none") for _ in range(10)]
+    routers = adapter.routers(model)
+    assert all(len(router._forward_hooks) == 1 for router in routers)
+    assert _router_hooks(model) == len(routers)  # one set, whatever the number of encoders
+    assert "router_tap" in str(encoders[0].fast_path) and encoders[0].fast_path.parts == frozenset()
+    first = encoders[0].encode(texts)
+    for enc in encoders[1:]:
+        out = enc.encode(texts)
+        assert torch.equal(out.hs, first.hs) and torch.equal(out.rw, first.rw)
+        assert out.rw.shape[1] == len(routers)  # each layer's rows kept once
+    for enc in encoders[:-1]:
+        enc.fast_path.remove()
+    assert _router_hooks(model) == len(routers)  # the last encoder still reads its routers
+    assert torch.equal(encoders[-1].encode(texts).rw, first.rw)
+    with pytest.raises(RuntimeError, match="fast path .* was removed"):
+        encoders[0].encode(texts)
+    encoders[-1].fast_path.remove()
+    assert _router_hooks(model) == 0
+    assert {name: dict(module._forward_hooks) for name, module in model.named_modules()} == hooks_before
+    input_ids = torch.tensor([tokenizer(texts[0])["input_ids"]])
+    for got, expected in zip(_outputs(model, input_ids), _outputs(fresh, input_ids), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_every_part_and_the_router_tap_come_off_with_remove(checkpoint):
+    model, tokenizer = _load(checkpoint("qwen2_moe"))
+    enc = MoEEncoder(model, tokenizer, adapter_for("qwen2_moe", type(model)))
+    assert _router_hooks(model) > 0
+    enc.fast_path.remove()
+    for module in model.modules():
+        assert "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_a_router_without_logits_where_the_tap_reads_is_refused_naming_it():
+    class Router(nn.Linear):
+        def forward(self, x):
+            return (super().forward(x),)
+
+    model = nn.Module()
+    model.gate = Router(4, 3)
+    with pytest.raises(ValueError, match="router 'gate'.*position 2"):
+        fastpath.install(model, "none", [model.gate], logits_index=2)
+    assert not model.gate._forward_hooks

@@ -165,7 +165,7 @@ def test_unreadable_weight_file_is_named(checkpoint, tokenizer_corpus, tmp_path,
     with pytest.raises(ValueError, match=rf"weight file .*{file} is not a readable safetensors file"):
         MoEEncoder.from_pretrained(path, device="cpu")
     if family == "deepseek":
-        from moee_fast.models import load_deepseek
+        from moee_fast.loading.models import load_deepseek
 
         with pytest.raises(ValueError, match=rf"{file} is not a readable safetensors file"):
             load_deepseek(path)

@@ -431,7 +431,7 @@ PUBLISHED_CONFIGS = {
 def test_paper_checkpoints_are_known_to_mteb(checkpoint_name):
     import transformers
 
-    from moee_fast.models import deepseek
+    from moee_fast.loading.models import deepseek
     from moee_fast.mteb import PAPER_CHECKPOINTS, parameter_counts
 
     class_name, fields = PUBLISHED_CONFIGS[checkpoint_name]

@@ -451,7 +451,7 @@ def test_kernels_tiled_into_many_launches_match_float64(monkeypatch):
 @pytest.mark.skipif("triton" not in ops.available_backends(), reason="triton not usable here")
 def test_triton_launches_run_under_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device: each op enters the inputs' device around its launch."""
-    from moee_fast.kernels import combined_cosine, gather_router_softmax, topk_combined_cosine
+    from moee_fast.kernels import combined_cosine, gather_router_softmax
 
     inside, launched = [], []
 
@@ -462,14 +462,14 @@ def test_triton_launches_run_under_the_inputs_device(monkeypatch):
         inside.pop()
 
     def recording_launcher(result):
-        def launch(*args):
+        def launch(*args, **kwargs):
             launched.append(list(inside))
             return result(args)
         return launch
 
     monkeypatch.setattr(ops, "_on_device", recording_guard)
     monkeypatch.setattr(combined_cosine, "combined_cosine", recording_launcher(lambda args: args[5]))
-    monkeypatch.setattr(topk_combined_cosine, "topk_combined_cosine", recording_launcher(lambda args: args[7:9]))
+    monkeypatch.setattr(ops, "_triton_topk_combined_cosine", recording_launcher(lambda args: args[7:9]))
     monkeypatch.setattr(gather_router_softmax, "gather_router_softmax", recording_launcher(lambda args: args[2]))
     hs, rw = pair(3)
     ops.combined_cosine(hs, rw, hs, rw, backend="triton")

@@ -15,7 +15,7 @@ import kernels, moee_fast.kernels.grid
 assert not hasattr(kernels, "__path__") or all("site-packages" in p for p in kernels.__path__), kernels.__path__
 assert kernels.__file__ and "site-packages" in kernels.__file__, kernels.__file__
 from kernels import CUDAProperties  # what transformers.integrations.hub_kernels imports
-import transformers.modeling_utils, moee_fast.models
+import transformers.modeling_utils, moee_fast.loading.models
 print(os.path.basename(os.path.dirname(moee_fast.kernels.grid.__file__)))
 """
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from moee_fast import MoEEncoder
-from moee_fast.fastpath import attention as packing
-from moee_fast.fastpath.attention import pack, packed_attention
-from conftest import random_texts, relative_error, save_checkpoint
-from test_encoder import reference_embeddings
+from moee_fast.fastpath import attention
+from moee_fast.fastpath.attention import packed_attention
+from moee_fast.packing import pack
+from conftest import random_texts, reference_embeddings, relative_error, save_checkpoint
 
 
 def test_pack_layout():
@@ -51,12 +51,12 @@ def _qkv(lengths, heads, kv_heads, dim, seed, device="cpu", dtype=torch.float32)
 @pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
 def test_packed_attention_matches_float64_per_text(kv_heads, window, kernel, monkeypatch):
     if kernel == "sdpa":  # the padded SDPA path that non-fp32 and GPU tensors take
-        monkeypatch.setattr(packing, "_use_cpp", lambda *args: False)
+        monkeypatch.setattr(attention, "_use_cpp", lambda *args: False)
     lengths, heads, dim = [1, 17, 5, 31, 2], 4, 24
     _, _, p = pack([[0] * n for n in lengths], torch.device("cpu"))
     q, k, v = _qkv(lengths, heads, kv_heads, dim, seed=kv_heads)
     if kernel == "padded_attention":  # the public function, as the GPU check calls it
-        out = packing.padded_attention(q, k, v, p, 0.3, window)
+        out = attention.padded_attention(q, k, v, p, 0.3, window)
     else:
         out, weights = packed_attention(_Attention(), q, k, v, None, scaling=0.3, sliding_window=window, moee_packing=p)
         assert weights is None
@@ -64,14 +64,14 @@ def test_packed_attention_matches_float64_per_text(kv_heads, window, kernel, mon
     torch.testing.assert_close(out[0].double(), _float64_per_text(q, k, v, lengths, 0.3, window), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not packing.varlen_available(), reason="needs CUDA and torch.nn.attention.varlen")
+@pytest.mark.skipif(not attention.varlen_available(), reason="needs CUDA and torch.nn.attention.varlen")
 @pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 3)])
 def test_varlen_attention_matches_float64_per_text_on_cuda(kv_heads, window):
     lengths, heads, dim = [1, 17, 5, 31, 2], 4, 64
     _, _, p = pack([[0] * n for n in lengths], torch.device("cuda"))
     q, k, v = _qkv(lengths, heads, kv_heads, dim, seed=kv_heads, device="cuda", dtype=torch.bfloat16)
-    assert packing.varlen_applies(q, v)
-    out = packing.varlen_attention(q, k, v, p, 0.3, window)
+    assert attention.varlen_applies(q, v)
+    out = attention.varlen_attention(q, k, v, p, 0.3, window)
     expected = _float64_per_text(q, k, v, lengths, 0.3, window)
     assert out.shape == (1, sum(lengths), heads, dim) and not out.isnan().any()
     torch.testing.assert_close(out[0].double(), expected, rtol=2e-2, atol=2e-2)  # bf16 rounding
@@ -103,7 +103,7 @@ def test_sliding_window_matches_transformers(tmp_path, tokenizer_corpus, family,
 def test_attn_implementation_is_ignored_with_a_warning(checkpoint):
     with pytest.warns(UserWarning, match="attn_implementation is ignored"):
         enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", attn_implementation="eager")
-    assert enc.model.config._attn_implementation == packing.ATTENTION_NAME
+    assert enc.model.config._attn_implementation == attention.ATTENTION_NAME
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])

@@ -21,8 +21,8 @@ from torch import nn
 from conftest import random_texts, relative_error
 from deepseek_reference import write_checkpoint
 from moee_fast import MoEEncoder
-from moee_fast.quantize import avoid_unsupported_cpu_packing, quantization_config
-from moee_fast.quantized_experts import QuantizedExperts, quantized_nbytes
+from moee_fast.loading.quantization import avoid_unsupported_cpu_packing, quantization_config
+from moee_fast.loading.quantization.experts import QuantizedExperts, quantized_nbytes
 from test_quant_experts import assert_slot_is_bitsandbytes_own, dequantize_reference, expected_quantized_bytes
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
@@ -215,10 +215,10 @@ def test_experts_are_quantized_while_loading(checkpoint, monkeypatch):
 
     experts_modules = []
     monkeypatch.setattr(QuantizedExperts, "store_stacked", recording)
-    from moee_fast import quantized_experts
+    from moee_fast.loading import quantization
 
-    make = quantized_experts.make_quantized
-    monkeypatch.setattr(quantized_experts, "make_quantized", lambda module, *a, **kw: (make(module, *a, **kw), experts_modules.append(module)))
+    make = quantization.make_quantized
+    monkeypatch.setattr(quantization, "make_quantized", lambda module, *a, **kw: (make(module, *a, **kw), experts_modules.append(module)))
     MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4")
     layers = len(experts_modules)
     assert layers == 3 and len(seen) == 2 * layers
@@ -239,7 +239,7 @@ def quantize_after_plain_load(path, method):
     """The reference: a plain fp32 load, then every nn.Linear swapped for its bitsandbytes module
     built directly from bitsandbytes (not through moee-fast or transformers); its routed experts
     stay fp32 until `decode_experts_into`."""
-    from moee_fast.models import load_deepseek
+    from moee_fast.loading.models import load_deepseek
 
     model = load_deepseek(path, dtype=torch.float32, device="cpu")
     model.config._attn_implementation = "eager"
@@ -261,7 +261,7 @@ def quantize_after_plain_load(path, method):
 
 def deepseek_forward_each_alone(model, tokenizer, texts):
     """last_hidden_state at the last position and fp32 softmax of every gate's last row, via hooks."""
-    from moee_fast.models.deepseek import DeepseekTopkRouter
+    from moee_fast.loading.models.deepseek import DeepseekTopkRouter
 
     rows = []
     gates = [m for m in model.modules() if isinstance(m, DeepseekTopkRouter)]
@@ -398,7 +398,7 @@ def test_readme_memory_table_is_the_computed_one():
 def test_int8_linear_runs_on_the_rows_of_a_4d_input():
     """bitsandbytes' own 8-bit matmul of the 2-D rows is the reference (it fails on the 4-D input
     itself on CPU); the result keeps the input's leading shape."""
-    from moee_fast.quantize import run_int8_linears_on_rows
+    from moee_fast.loading.quantization import run_int8_linears_on_rows
 
     torch.manual_seed(3)
     model = nn.Sequential(bnb.nn.Linear8bitLt(24, 10, bias=True, has_fp16_weights=False))

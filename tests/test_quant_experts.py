@@ -1,11 +1,11 @@
-"""Routed experts in 4 and 8 bits (moee_fast.quantized_experts): each expert matrix stored exactly
+"""Routed experts in 4 and 8 bits (moee_fast.loading.quantization.experts): each expert matrix stored exactly
 as bitsandbytes' own per-matrix parameter (Params4bit / Int8Params) holds it, and dequantized to
 what an independent float64 decoding of those bytes gives."""
 
 import pytest
 import torch
 
-from moee_fast.quantized_experts import QuantizedExperts, QuantizedMatrices, make_quantized, quantized_nbytes
+from moee_fast.loading.quantization.experts import QuantizedExperts, QuantizedMatrices, make_quantized, quantized_nbytes
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
 

@@ -15,7 +15,7 @@ __all__ = ["Corpus", "CorpusInterrupted", "DEFAULT_SHARD_SIZE", "encode_corpus",
 def plan_corpus_job(encoder, inputs, output_dir, *, devices=None, dtype=None, **options) -> tuple[CorpusJob, list[str] | None]:
     """Check everything (inputs, output directory, options, an existing manifest) before any
     model loads; returns the job and the parsed devices."""
-    from ..encoder import _resolve_dtype
+    from ..loading.placement import resolve_dtype
 
     import torch
 
@@ -23,7 +23,7 @@ def plan_corpus_job(encoder, inputs, output_dir, *, devices=None, dtype=None, **
     if isinstance(encoder, (str, os.PathLike)):
         encoder = os.fspath(encoder)
         device = torch.device(devices[0] if devices else ("cuda" if torch.cuda.is_available() else "cpu"))
-        resolved = _resolve_dtype(dtype, device)
+        resolved = resolve_dtype(dtype, device)
     else:
         resolved = next(encoder.model.parameters()).dtype
     return CorpusJob(encoder, inputs, output_dir, dtype=resolved, **options), devices

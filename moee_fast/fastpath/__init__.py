@@ -9,7 +9,9 @@ entry point.
 
 Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py), `norms`
 (norms.py), `linears` (linears.py), `rotary` (rotary.py), `trim` (the last layer on the last
-tokens, trim.py). Each admits a module only where a probe or a type check shows it reproduces the
+tokens, trim.py). Given the MoE routers, `install` also holds the router tap (router_tap.py), the
+hooks that keep each layer's last-token router rows; it is not optional, as RW needs it. Each
+part admits a module only where a probe or a type check shows it reproduces the
 original, and skips quantized weights, meta weights and modules accelerate has hooked. The hooks
 read the per-forward state in state.py.
 """
@@ -20,7 +22,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from . import attention, experts, linears, norms, rotary, state, trim
+from . import attention, experts, linears, norms, rotary, router_tap, state, trim
 from .patching import PartReport
 
 _INSTALLERS = {
@@ -56,12 +58,13 @@ class FastPathHandle:
     def __init__(self, model: nn.Module, reports: list[PartReport]):
         self.model_name = type(model).__name__
         self.reports = reports
+        self.router_tap: router_tap.RouterTap | None = None
         self.removed = False
 
     @property
     def parts(self) -> frozenset[str]:
-        """The parts active now (applied to at least one module, and not removed)."""
-        return frozenset() if self.removed else frozenset(r.part for r in self.reports if r.applied)
+        """The optional parts active now (applied to at least one module, and not removed)."""
+        return frozenset() if self.removed else frozenset(r.part for r in self.reports if r.applied and r.part in PARTS)
 
     def remove(self) -> None:
         """Undo every part, last installed first; calling it again does nothing."""
@@ -82,11 +85,18 @@ class FastPathHandle:
     __repr__ = __str__
 
 
-def install(model: nn.Module, parts: str | Iterable[str] = "all") -> FastPathHandle:
-    """Apply each requested part where its probe or type check admits it; see the module docstring."""
+def install(
+    model: nn.Module, parts: str | Iterable[str] = "all", routers: list[nn.Module] | None = None, logits_index: int = 0,
+) -> FastPathHandle:
+    """Apply each requested part where its probe or type check admits it, and with `routers`
+    the router tap (`logits_index`: where a router's tuple output holds its logits); see the
+    module docstring."""
     requested = resolve_parts(parts)
     handle = FastPathHandle(model, [])
     try:
+        if routers is not None:
+            report, handle.router_tap = router_tap.install(model, routers, logits_index)
+            handle.reports.append(report)
         for part in PARTS:
             handle.reports.append(_INSTALLERS[part](model) if part in requested else _not_requested(part))
     except BaseException:
@@ -101,4 +111,4 @@ def _not_requested(part: str) -> PartReport:
     return report
 
 
-__all__ = ["PARTS", "FastPathHandle", "install", "resolve_parts", "state", "attention"]
+__all__ = ["PARTS", "FastPathHandle", "install", "resolve_parts", "state", "attention", "router_tap"]

@@ -1,4 +1,5 @@
-"""Packed batches: the texts of a batch laid end to end in one row of tokens, with no padding.
+"""Attention over packed batches (moee_fast.packing: the texts of a batch laid end to end in one
+row of tokens, with no padding).
 
 Every per-token step of a decoder (projections, norms, routers, experts) then runs on real
 tokens only. Rotary positions restart at each text (`position_ids`), and attention goes through
@@ -21,54 +22,16 @@ mask (sliding windows included) for its eager and SDPA attention, at N x N mask 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..extension import cpp_applies, cpp_op
+from ..packing import Packing
 from .patching import PartReport, hold
 
 ATTENTION_NAME = "moee_packed"
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Packing:
-    """Where each text of a packed batch lies; built by `pack`, passed as `moee_packing`."""
-
-    max_len: int
-    last: torch.Tensor  # [B] packed position of each text's last token
-    cu_seqlens: torch.Tensor  # [B + 1] where each text starts, then the token count (on CPU)
-    pad_index: torch.Tensor  # [B * T] packed position feeding each padded slot (a text's own token)
-    unpad_index: torch.Tensor  # [N] padded slot of each packed position
-    device_cu_seqlens: torch.Tensor  # cu_seqlens as int32 on the batch's device (varlen_attn)
-
-    @property
-    def batch_size(self) -> int:
-        return self.last.shape[0]
-
-
-def pack(seqs: list[list[int]], device: torch.device, pin: bool = False):
-    """Token id lists -> (input_ids [1, N], position_ids [1, N], Packing)."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    width = int(lengths.max())
-    ends = lengths.cumsum(0)
-    starts = ends - lengths
-    t = torch.arange(width)
-    real = t[None, :] < lengths[:, None]
-    pad_index = (starts[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)).reshape(-1)
-    unpad_index = (torch.arange(len(seqs))[:, None] * width + t[None, :])[real]
-    input_ids = torch.tensor([token for s in seqs for token in s]).unsqueeze(0)
-    position_ids = t.expand(len(seqs), width)[real].unsqueeze(0)
-
-    def move(x):
-        return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
-
-    cu_seqlens = torch.cat([starts, ends[-1:]])
-    packing = Packing(width, move(ends - 1), cu_seqlens, move(pad_index), move(unpad_index), move(cu_seqlens.int()))
-    return move(input_ids), move(position_ids), packing
 
 
 # --------------------------------------------------------------------------------------------

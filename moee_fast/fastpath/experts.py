@@ -18,19 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..quantized_experts import is_quantized_experts
 from .patching import PartReport, hold, unpatchable_reason
 
 NAME = "moee_sorted"
 
-# Why the C++ op where it applies: whole-encode throughput on the scaled OLMoE (benchmarks/models.py,
-# 128-text synthetic corpus, 370 useful GFLOP), shared 2-core AVX2 VM, both paths interleaved in one
-# process, as a fraction of a 2048x2048 fp32 matmul timed before each run: the op with BLAS GEMMs
-# ran at 0.49-0.52 of that peak where the Python path ran at 0.35-0.38. The op alone (T=1600, H=256,
-# I=128, E=64, top-8), interleaved in one process: 18.9 ms with its own AVX2 kernels against 20.0 ms
-# with MKL GEMMs, whose per-call packing of the weights and beta scaling took ~20% of the op.
+# Why the C++ op where it applies: it keeps each expert's slice in cache and shares the experts
+# among threads, and its own GEMM kernels skip the per-call weight packing a BLAS GEMM pays
+# (measurements: benchmarks/results/cpu_ops_auto.md).
 _SILU = ("silu", "swish")
-QUANTIZED_REASON = "quantized routed experts: their own loop dequantizes each active expert (moee_fast.quantized_experts)"
+QUANTIZED_REASON = "quantized routed experts: their own loop dequantizes each active expert (moee_fast.loading.quantization)"
 
 
 def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
@@ -87,14 +83,14 @@ def install(model: nn.Module) -> PartReport:
     """Run every experts module through `sorted_experts_forward` (registered as "moee_sorted"), on
     CPU only: on CUDA transformers' own grouped kernels run the experts. The implementation is
     chosen per model, so one unpatchable experts module keeps the whole model on its own; quantized
-    experts (moee_fast.quantized_experts) run the same loop through their own forward, and are
+    experts (moee_fast.loading.quantization) run the same loop through their own forward, and are
     named in the report."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     report = PartReport("experts", f"{NAME} (C++ moe_experts on fp32 CPU, per-expert torch loop otherwise)")
     found = [(name, m) for name, m in model.named_modules() if _is_experts(m)]
     for name, module in model.named_modules():
-        if is_quantized_experts(module):
+        if getattr(module, "runs_own_experts_loop", False):  # quantized experts
             report.skip(QUANTIZED_REASON, name)
     for name, module in found:
         reason = unpatchable_reason(module, ("gate_up_proj", "down_proj"))

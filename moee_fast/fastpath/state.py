@@ -15,14 +15,10 @@ _CURRENT: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("
 
 @dataclass
 class ForwardState:
-    """One packed forward: where its texts' last tokens lie, how many tokens it runs, how router
-    rows are scored, and the rows kept so far (one [B, E] fp32 tensor per MoE layer)."""
+    """One packed forward: where its texts' last tokens lie and how many tokens it runs."""
 
     last: torch.Tensor  # [B] packed position of each text's last token
     tokens: int  # packed tokens in the forward
-    scoring: str = "softmax"  # "softmax", "sigmoid" or "logits"
-    owner: object = None  # the router tap that keeps rows for this forward
-    kept: list[torch.Tensor] = field(default_factory=list)
     _on_device: dict = field(default_factory=dict, repr=False)
 
     @property

@@ -15,6 +15,7 @@ imported. Every model load passes `use_kernels=False`, and bitsandbytes is impor
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 NO_REMOTE_CODE = {"trust_remote_code": False}
@@ -23,18 +24,22 @@ NO_HUB_KERNELS = {"use_kernels": False}
 # What tokenizer classes read; a checkpoint directory without any of them has no vocabulary.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
 
+# The published weight layouts, shared by every family: one file, or shards listed in an index.
+SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
 # A sentence any real vocabulary turns into tokens (an unknown-token id at worst).
 _PROBE = "The quick brown fox jumps over the lazy dog."
 
 
 def load_config(name: str, **hf_kwargs):
     """The checkpoint's config, as transformers' (or moee-fast's own) config class for its
-    model_type; an unknown model_type is refused, naming it and the supported families."""
+    model_type; an unknown model_type is refused, naming it and the supported families. The
+    families transformers lacks are known once moee_fast.loading.models is imported (load does)."""
     from transformers import AutoConfig, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from . import models  # noqa: F401  (registers the configs of the families transformers lacks)
-    from .adapters import supported_families
+    from ..adapters import supported_families
 
     config_dict, _ = PretrainedConfig.get_config_dict(name, **hf_kwargs)  # reads JSON only
     model_type = config_dict.get("model_type")
@@ -73,8 +78,6 @@ def check_weight_files(directory: str, allow_pickle: bool = False) -> None:
     before loading."""
     if not os.path.isdir(directory):
         return  # a Hub id: transformers downloads and checks the files
-    from .models.deepseek import weight_files  # the published layouts, shared by every family
-
     kind, files = weight_files(directory, allow_pickle)
     if kind == "safetensors":
         for path in files:
@@ -169,3 +172,32 @@ def check_safetensors_file(path: str) -> None:
             f"weight file {path} is not a readable safetensors file ({exc}): it is truncated or corrupted; "
             "download or copy it again"
         ) from exc
+
+
+def weight_files(directory: str, allow_pickle: bool = False) -> tuple[str, dict[str, list[str] | None]]:
+    """("safetensors" | "pickle", {file path: tensor names listed for it, or None for all}).
+    Every shard an index lists must exist; pickle files only with `allow_pickle`."""
+    for kind, single, index in (("safetensors", SAFETENSORS_SINGLE, SAFETENSORS_INDEX), ("pickle", PICKLE_SINGLE, PICKLE_INDEX)):
+        index_path, single_path = os.path.join(directory, index), os.path.join(directory, single)
+        if not (os.path.isfile(index_path) or os.path.isfile(single_path)):
+            continue
+        if kind == "pickle" and not allow_pickle:
+            raise ValueError(
+                f"{directory} has only pickle weights ({single} / {index}), which can run code when loaded. "
+                "To load them anyway (with torch.load(weights_only=True)), pass allow_pickle=True, e.g. "
+                "MoEEncoder.from_pretrained(path, allow_pickle=True); or convert the checkpoint to safetensors."
+            )
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files: dict[str, list[str] | None] = {}
+            for name, file in weight_map.items():
+                files.setdefault(os.path.join(directory, file), []).append(name)
+            for path in files:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"checkpoint shard {os.path.basename(path)!r} listed in {index} is missing from {directory}"
+                    )
+            return kind, files
+        return kind, {single_path: None}
+    raise FileNotFoundError(f"no weights in {directory}: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")

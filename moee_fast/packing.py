@@ -1,6 +1,8 @@
-"""Batch plans: sort texts by token length and fill batches up to a token budget.
+"""The encoder's batch format and its plans.
 
-Batches run packed (moee_fast/fastpath/attention.py): texts end to end, no padding, so a batch
+`pack` lays the texts of a batch end to end in one row of tokens, with no padding, and `Packing`
+says where each text lies (the model's attention reads it, moee_fast/fastpath/attention.py).
+`plan_batches` sorts texts by token length and fills batches up to a token budget: packed, a batch
 costs its real tokens and the budget counts exactly those. Where attention takes the padded SDPA
 fallback (`count_padding`), a batch costs B x its longest text instead, so padding is bounded by
 construction. Sorting keeps neighbours of similar length together, which keeps that padding small.
@@ -9,6 +11,8 @@ construction. Sorting keeps neighbours of similar length together, which keeps t
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -49,3 +53,41 @@ def plan_batches(
 
 def _batch(indices: list[int], tokens: int, lengths: list[int]) -> Batch:
     return Batch(indices, tokens, len(indices) * lengths[indices[0]])
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Packing:
+    """Where each text of a packed batch lies; built by `pack`, passed as `moee_packing`."""
+
+    max_len: int
+    last: torch.Tensor  # [B] packed position of each text's last token
+    cu_seqlens: torch.Tensor  # [B + 1] where each text starts, then the token count (on CPU)
+    pad_index: torch.Tensor  # [B * T] packed position feeding each padded slot (a text's own token)
+    unpad_index: torch.Tensor  # [N] padded slot of each packed position
+    device_cu_seqlens: torch.Tensor  # cu_seqlens as int32 on the batch's device (varlen_attn)
+
+    @property
+    def batch_size(self) -> int:
+        return self.last.shape[0]
+
+
+def pack(seqs: list[list[int]], device: torch.device, pin: bool = False):
+    """Token id lists -> (input_ids [1, N], position_ids [1, N], Packing)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    width = int(lengths.max())
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
+    t = torch.arange(width)
+    real = t[None, :] < lengths[:, None]
+    pad_index = (starts[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)).reshape(-1)
+    unpad_index = (torch.arange(len(seqs))[:, None] * width + t[None, :])[real]
+    input_ids = torch.tensor([token for s in seqs for token in s]).unsqueeze(0)
+    position_ids = t.expand(len(seqs), width)[real].unsqueeze(0)
+
+    def move(x):
+        return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
+
+    cu_seqlens = torch.cat([starts, ends[-1:]])
+    packing = Packing(width, move(ends - 1), cu_seqlens, move(pad_index), move(unpad_index), move(cu_seqlens.int()))
+    return move(input_ids), move(position_ids), packing

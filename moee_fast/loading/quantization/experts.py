@@ -22,6 +22,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from ...fastpath.experts import sorted_experts_loop
+
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantizing the 4-bit absmax
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
@@ -132,9 +134,9 @@ class QuantizedExperts(nn.Module):
     """Mixed into an experts module's own class (transformers' stacked experts, or DeepSeekMoE's):
     `gate`, `up` and `down` QuantizedMatrices replace `gate_up_proj` and `down_proj`."""
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        from .fastpath.experts import sorted_experts_loop
+    runs_own_experts_loop = True  # the fast path's experts part leaves it alone (fastpath/experts.py)
 
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         empty = [name for name in ("gate", "up", "down") if not getattr(self, name).allocated]
         if empty:  # their checkpoint tensors never arrived (transformers lists them as missing keys)
             raise ValueError(f"quantized experts {type(self).__name__}: no weights were loaded for {', '.join(empty)}")

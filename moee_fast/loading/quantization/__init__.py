@@ -9,7 +9,7 @@ attention projections, dense MLPs and shared experts are stored in 4 or 8 bits. 
 experts of today's MoE classes are stacked 3-D parameters, not `nn.Linear` modules; the configs
 built here (`ExpertsBitsAndBytesConfig`) select a quantizer that also stores every expert's gate,
 up and down matrix in 4 or 8 bits, as the per-expert linears of the paper's runs held them
-(moee_fast.quantized_experts), each stacked tensor quantized as it is loaded. Routers, norms and
+(quantization/experts.py), each stacked tensor quantized as it is loaded. Routers, norms and
 embeddings stay in the load dtype. DeepSeekMoE, loaded natively, quantizes its `nn.Linear`
 weights and each expert's matrices as they stream in (`quantize_linears`, `store_quantized`).
 """
@@ -21,14 +21,15 @@ import functools
 import torch
 from torch import nn
 
+from ..checkpoint import import_bitsandbytes  # bitsandbytes' import must not fetch Hub kernels
+from .experts import EXPERT_WEIGHTS, is_quantized_experts, make_quantized, mixed_class, quantizable_experts
+
 QUANTIZE_CHOICES = ("nf4", "int8")
 EXTRA_HINT = "pip install moee-fast[quant]"
 
 
 def require_quant_extras() -> None:
     """Import bitsandbytes and accelerate, or fail naming the extra that installs them."""
-    from .loading import import_bitsandbytes  # bitsandbytes' import must not fetch Hub kernels
-
     missing = []
     for module, load in (("bitsandbytes", import_bitsandbytes), ("accelerate", lambda: __import__("accelerate"))):
         try:
@@ -101,8 +102,6 @@ class _ExpertsQuantizer:
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         from transformers.quantizers.quantizers_utils import get_module_from_name
 
-        from .quantized_experts import is_quantized_experts
-
         module, attr = get_module_from_name(model, param_name)
         if is_quantized_experts(module):
             return needs_quantized_weight(module, attr)
@@ -119,8 +118,6 @@ def _experts_quantize_op(linears_op):
     """transformers' quantize op for the bitsandbytes linears, extended to stacked experts."""
     from transformers.core_model_loading import ConversionOps
     from transformers.quantizers.quantizers_utils import get_module_from_name
-
-    from .quantized_experts import is_quantized_experts
 
     class ExpertsQuantize(ConversionOps):
         def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
@@ -176,8 +173,6 @@ def quantize_experts_modules(model: nn.Module, config, skip: list[str] | None = 
     QuantizedExperts with the config's method: its bnb_4bit_quant_type, or "int8"."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from .quantized_experts import make_quantized, quantizable_experts
-
     method = config.bnb_4bit_quant_type if config.load_in_4bit else "int8"
     for name, module in model.named_modules():
         if quantizable_experts(module) and should_convert_module(name, skip):
@@ -185,7 +180,6 @@ def quantize_experts_modules(model: nn.Module, config, skip: list[str] | None = 
 
 
 def needs_quantized_weight(module: nn.Module, attr: str) -> bool:
-    from .quantized_experts import EXPERT_WEIGHTS, is_quantized_experts
 
     if is_quantized_experts(module):
         return attr in EXPERT_WEIGHTS
@@ -195,7 +189,6 @@ def needs_quantized_weight(module: nn.Module, attr: str) -> bool:
 def store_quantized(module: nn.Module, attr: str, index: tuple | None, tensor: torch.Tensor, device: torch.device) -> None:
     """Quantize one checkpoint tensor into `module`: a bitsandbytes linear's weight, or the slice
     `index` of a QuantizedExperts' stacked weight (one expert's gate, up or down matrix)."""
-    from .quantized_experts import is_quantized_experts
 
     if is_quantized_experts(module):
         module.store_expert(attr, index, tensor.to(device))
@@ -249,7 +242,6 @@ class _RowsInputs:
 def run_int8_linears_on_rows(model: nn.Module) -> int:
     """Give every bitsandbytes 8-bit linear the 2-D view of inputs with more than 3 dimensions;
     returns how many modules. The class changes, not the instance, so nothing is patched per call."""
-    from .quantized_experts import mixed_class
 
     changed = 0
     for module in model.modules():

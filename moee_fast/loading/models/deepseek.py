@@ -16,7 +16,6 @@ moe_intermediate_size * n_shared_experts).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -31,15 +30,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils.output_capturing import OutputRecorder
 
-from ..loading import NO_REMOTE_CODE, check_weight_files
-from ..quantize import needs_quantized_weight, quantize_linears, store_quantized
+from ..checkpoint import NO_REMOTE_CODE, check_weight_files, weight_files
+from ..quantization import needs_quantized_weight, quantize_linears, store_quantized
 
 # The router scoring functions this implementation computes: the subset of
 # moee_fast.adapters.registry.SCORING_FUNCTIONS that DeepSeekMoE v1 checkpoints use.
 IMPLEMENTED_SCORING_FUNCTIONS = ("softmax",)
-
-SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 # Checkpoint tensors the base model does not read: the LM head, and rotary tables some exports keep.
 _UNUSED_PREFIXES = ("lm_head.",)
@@ -339,35 +335,6 @@ class _Writer:
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"checkpoint in {directory} lacks {len(missing)} tensor(s) the model needs: {shown}")
-
-
-def weight_files(directory: str, allow_pickle: bool = False) -> tuple[str, dict[str, list[str] | None]]:
-    """("safetensors" | "pickle", {file path: tensor names listed for it, or None for all}).
-    Every shard an index lists must exist; pickle files only with `allow_pickle`."""
-    for kind, single, index in (("safetensors", SAFETENSORS_SINGLE, SAFETENSORS_INDEX), ("pickle", PICKLE_SINGLE, PICKLE_INDEX)):
-        index_path, single_path = os.path.join(directory, index), os.path.join(directory, single)
-        if not (os.path.isfile(index_path) or os.path.isfile(single_path)):
-            continue
-        if kind == "pickle" and not allow_pickle:
-            raise ValueError(
-                f"{directory} has only pickle weights ({single} / {index}), which can run code when loaded. "
-                "To load them anyway (with torch.load(weights_only=True)), pass allow_pickle=True, e.g. "
-                "MoEEncoder.from_pretrained(path, allow_pickle=True); or convert the checkpoint to safetensors."
-            )
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
-            files: dict[str, list[str] | None] = {}
-            for name, file in weight_map.items():
-                files.setdefault(os.path.join(directory, file), []).append(name)
-            for path in files:
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(
-                        f"checkpoint shard {os.path.basename(path)!r} listed in {index} is missing from {directory}"
-                    )
-            return kind, files
-        return kind, {single_path: None}
-    raise FileNotFoundError(f"no weights in {directory}: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
 
 
 def _load_safetensors(writer: _Writer, path: str, names: list[str] | None) -> None:
