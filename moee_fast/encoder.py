@@ -143,6 +143,14 @@ class MoEEncoder:
         tokenizer = loading.load_tokenizer(name, **shared)
         return cls(model, tokenizer, adapter, name=name, fast_path=parts)
 
+    @classmethod
+    def from_vllm(cls, name_or_path: str | os.PathLike, **llm_kwargs):
+        """The same `encode` surface, run by a vLLM engine with the MoEE plugin (moee_fast.vllm;
+        needs vllm). Keyword arguments go to `vllm.LLM`."""
+        from .vllm import VLLMEncoder
+
+        return VLLMEncoder.from_pretrained(name_or_path, **llm_kwargs)
+
     # ----------------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:

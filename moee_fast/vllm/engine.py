@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import loading
+from ..adapters import adapter_for
 from ..checks import check_finite_rows, check_max_length, check_rw_source, check_unicode
 from ..embeddings import MoEEmbeddings
 from ..encoder import _check_texts
@@ -38,6 +39,7 @@ class VLLMEncoder:
 
     def __init__(self, llm, tokenizer, config, name: str = ""):
         self.llm, self.tokenizer, self.name = llm, tokenizer, name
+        self.adapter = adapter_for(config.model_type)
         self.hidden_size = config.hidden_size
         self.num_experts = getattr(config, FAMILIES[config.model_type][1])
         self.context_length = getattr(config, "max_position_embeddings", None)

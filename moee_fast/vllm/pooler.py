@@ -7,6 +7,8 @@ import math
 import torch
 from vllm.model_executor.layers.pooler import Pooler
 
+from ..checks import check_alpha
+from ..embeddings import unit_rows
 from .carry import RowLayout
 
 # What a MoEE pooling model returns per text (the `moee_output` field of its config):
@@ -22,9 +24,7 @@ class MoEEPooler(Pooler):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"moee_output must be one of {OUTPUTS}, got {output!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"moee_alpha must be a finite number >= 0, got {alpha!r}")
-        self.layout, self.output, self.alpha = layout, output, float(alpha)
+        self.layout, self.output, self.alpha = layout, output, check_alpha(alpha)
 
     def get_supported_tasks(self):
         return {"embed"}
@@ -36,6 +36,5 @@ class MoEEPooler(Pooler):
         hs, rw = self.layout.split(last)
         rw = rw.flatten(1)
         if self.output == "sum":
-            hs = torch.nn.functional.normalize(hs, dim=-1)
-            rw = torch.nn.functional.normalize(rw, dim=-1) * math.sqrt(self.alpha)
+            hs, rw = unit_rows(hs), math.sqrt(self.alpha) * unit_rows(rw)  # MoEEmbeddings.vectors("sum")
         return torch.cat([hs, rw], dim=-1)
