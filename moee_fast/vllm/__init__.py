@@ -31,6 +31,17 @@ def architecture(model_type: str) -> str:
     return "MoEE" + FAMILIES[model_type][0]
 
 
+def family_adapter(model_type: str):
+    """moee-fast's adapter of a family, or the generic one (softmax scoring) for a family that
+    MoEEncoder knows only through transformers' router recorder (Qwen3-MoE)."""
+    from ..adapters import Adapter, adapter_for
+
+    try:
+        return adapter_for(model_type)
+    except ValueError:
+        return Adapter(family=f"generic ({model_type})", model_types=(model_type,))
+
+
 def register() -> None:
     """The vLLM plugin entry point: register the MoEE architectures (imported lazily by vLLM)."""
     from vllm import ModelRegistry

@@ -9,12 +9,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import loading
-from ..adapters import adapter_for
 from ..checks import check_finite_rows, check_max_length, check_rw_source, check_unicode
 from ..embeddings import MoEEmbeddings
 from ..encoder import _check_texts
 from ..prompts import resolve_prompt, token_ids
-from . import FAMILIES, architecture
+from . import FAMILIES, architecture, family_adapter
 
 
 def engine_kwargs(model: str | os.PathLike, output: str = "concat", alpha: float = 1.0, **llm_kwargs) -> dict:
@@ -39,7 +38,7 @@ class VLLMEncoder:
 
     def __init__(self, llm, tokenizer, config, name: str = ""):
         self.llm, self.tokenizer, self.name = llm, tokenizer, name
-        self.adapter = adapter_for(config.model_type)
+        self.adapter = family_adapter(config.model_type)
         self.hidden_size = config.hidden_size
         self.num_experts = getattr(config, FAMILIES[config.model_type][1])
         self.context_length = getattr(config, "max_position_embeddings", None)

@@ -11,7 +11,7 @@ from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
-from ..adapters import adapter_for
+from . import family_adapter
 from .carry import carry_router_rows
 from .pooler import MoEEPooler
 
@@ -25,7 +25,7 @@ def moee_model(causal_lm: type) -> type:
             # here, before any weight is loaded (their parameter names stay the same).
             _refuse_split_token_streams(vllm_config)
             config = vllm_config.model_config.hf_config
-            scoring = getattr(config, "scoring_func", None) or adapter_for(config.model_type).scoring
+            scoring = getattr(config, "scoring_func", None) or family_adapter(config.model_type).scoring
             layout = carry_router_rows(self.model, scoring, vllm_config.model_config.dtype)
             output = getattr(config, "moee_output", "concat")
             pooler = MoEEPooler(layout, output, getattr(config, "moee_alpha", 1.0))
