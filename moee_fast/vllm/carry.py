@@ -77,9 +77,10 @@ class RoutedBlock:
     moee_scoring: str
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = super().forward(hidden_states, *args, **kwargs)
+        # Before the block runs: a fused-experts kernel may write its output over its input.
         logits = self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))
         logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
+        out = super().forward(hidden_states, *args, **kwargs)
         return torch.cat([out, as_channels(_scores(logits, self.moee_scoring), out.dtype)], dim=-1)
 
 
