@@ -94,10 +94,10 @@ class CarryingLayer:
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
         hidden, carried = _split(hidden_states, self.moee_hidden_size)
         out, residual = super().forward(positions, hidden, residual, *args, **kwargs)
-        if self.moee_routed:
-            out, rows = out.split([self.moee_hidden_size, out.shape[-1] - self.moee_hidden_size], dim=-1)
-            carried = torch.cat([carried, rows], dim=-1)
-        return torch.cat([out, carried], dim=-1), residual
+        if not self.moee_routed:
+            return torch.cat([out, carried], dim=-1), residual
+        out, rows = out.split([self.moee_hidden_size, out.shape[-1] - self.moee_hidden_size], dim=-1)
+        return torch.cat([out, carried, rows], dim=-1), residual  # one copy of the carried rows per layer
 
 
 class CarryingNorm:
