@@ -41,7 +41,10 @@ def _check_encode_args(args) -> None:
     except (ValueError, TypeError) as exc:
         raise UsageError(f"moee encode: {exc}") from None
     single_file = args.output.lower().endswith(".safetensors")
-    if single_file and (args.format != "safetensors" or args.devices or args.engine != "local"):
+    if args.engine == "vllm" and not (single_file and args.format == "safetensors" and not args.devices and not args.quantize):
+        raise UsageError("moee encode: --engine vllm writes one .safetensors file and places and loads the model itself; "
+                         "leave out --devices and --quantize")
+    if single_file and (args.format != "safetensors" or args.devices or args.engine == "ray"):
         raise UsageError("moee encode: --format parquet, --devices and --engine ray write a directory; "
                          "give --output a directory, not a .safetensors file")
     if args.engine == "ray" and args.devices:
@@ -74,7 +77,12 @@ def _encode_to_file(model: str, label: str, args) -> int:
         rows = [row for row in rows if row.text]
     if not rows:
         raise ValueError("no texts to encode")
-    encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if args.engine == "vllm":
+        from .vllm import VLLMEncoder
+
+        encoder = VLLMEncoder.from_pretrained(model, **({"dtype": args.dtype} if args.dtype else {}))
+    else:
+        encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     start = time.perf_counter()
     try:
         out = encoder.encode(
@@ -226,7 +234,8 @@ def _add_encode_arguments(encode: argparse.ArgumentParser) -> None:
     encode.add_argument("--format", choices=("safetensors", "parquet"), default="safetensors", help="shard format of a directory output")
     encode.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, help="rows per shard (default: %(default)s)")
     encode.add_argument("--devices", help="one worker per device: cuda:0,cuda:1, all, or cpu,cpu (threads split between them)")
-    encode.add_argument("--engine", choices=("local", "ray"), default="local", help="ray: read, encode and write on Ray Data")
+    encode.add_argument("--engine", choices=("local", "ray", "vllm"), default="local",
+                        help="ray: read, encode and write on Ray Data; vllm: run the model in vLLM (needs vllm)")
     encode.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
 
 

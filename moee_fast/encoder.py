@@ -20,10 +20,10 @@ from . import fastpath, loading, ops
 from .adapters import Adapter
 from .packing import Batch, pack, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
-from .checks import check_context, check_finite_rows, check_max_length, check_positive_int, check_unicode
+from .checks import check_finite_rows, check_max_length, check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
 from .fastpath import attention, router_tap, state
-from .prompts import resolve_prompt, tokenize
+from .prompts import resolve_prompt, token_ids
 
 # Tokens per packed forward. On CPU more rows per expert stop paying once activations leave L2;
 # on CUDA larger batches fill the chip (measurements: benchmarks/results/cpu_ops_auto.md, gpu_report.py).
@@ -124,16 +124,7 @@ class MoEEncoder:
         metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": scoring}
         if not texts:
             return MoEEmbeddings.empty(self.hidden_size, self.num_moe_layers, self.num_experts, metadata)
-        ids, truncated = tokenize(self.tokenizer, texts, template, max_length)
-        if truncated:
-            warnings.warn(f"{truncated} of {len(texts)} texts were truncated to max_length={max_length} tokens", stacklevel=2)
-        for i, seq in enumerate(ids):
-            if not seq:
-                raise ValueError(
-                    f"texts[{i}] is empty and this tokenizer adds no special token, so it has no last "
-                    "token to read; use a prompt template or drop the text"
-                )
-        check_context([len(seq) for seq in ids], self.context_length)
+        ids = token_ids(self.tokenizer, texts, template, max_length, self.context_length)
         hs = torch.empty(len(texts), self.hidden_size, dtype=torch.float32)
         rw = torch.empty(len(texts), self.num_moe_layers, self.num_experts, dtype=torch.float32)
         show = show_progress_bar if show_progress_bar is not None else (len(texts) >= 1000 and _stderr_is_tty())

@@ -145,6 +145,26 @@ def tokenize(tokenizer, texts: list[str], prompt: Prompt | None, max_length: int
     return ids, truncated
 
 
+def token_ids(tokenizer, texts: list[str], prompt: Prompt | None, max_length: int | None, context: int | None) -> list[list[int]]:
+    """`tokenize`, warning about truncated texts and refusing any text without a last token to
+    read or with more tokens than the model's `context` positions."""
+    import warnings
+
+    from .checks import check_context
+
+    ids, truncated = tokenize(tokenizer, texts, prompt, max_length)
+    if truncated:
+        warnings.warn(f"{truncated} of {len(texts)} texts were truncated to max_length={max_length} tokens", stacklevel=3)
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise ValueError(
+                f"texts[{i}] is empty and this tokenizer adds no special token, so it has no last "
+                "token to read; use a prompt template or drop the text"
+            )
+    check_context([len(seq) for seq in ids], context)
+    return ids
+
+
 def _truncate_inside(tokenizer, text: str, prompt: Prompt, max_length: int, index: int) -> list[int]:
     """Longest head of `text` whose templated tokenization fits in `max_length` (binary search
     over the character cut: token counts at a boundary need not be additive)."""

@@ -86,14 +86,15 @@ def save_checkpoint(path, family: str, corpus, bos: bool = True, seed: int = 0, 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, tokenizer_corpus):
-    """checkpoint(family, bos=True) -> path of a saved tiny checkpoint, built once per session."""
+    """checkpoint(family, bos=True, **config_overrides) -> path of a saved tiny checkpoint, built
+    once per session."""
     built = {}
 
-    def make(family: str, bos: bool = True):
-        key = (family, bos)
+    def make(family: str, bos: bool = True, **overrides):
+        key = (family, bos, tuple(sorted(overrides.items())))
         if key not in built:
             path = tmp_path_factory.mktemp(f"{family}-{'bos' if bos else 'nobos'}")
-            built[key] = save_checkpoint(path, family, tokenizer_corpus, bos=bos)
+            built[key] = save_checkpoint(path, family, tokenizer_corpus, bos=bos, **overrides)
         return built[key]
 
     return make

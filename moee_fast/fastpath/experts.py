@@ -42,7 +42,7 @@ def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
 
 
 def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    if self.has_bias or not self.has_gate or self.is_transposed or not self.is_concatenated or self.has_post_expert_norm:
+    if self.has_bias or not self.has_gate or self.is_transposed or not self.is_concatenated or getattr(self, "has_post_expert_norm", False):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -1,0 +1,158 @@
+"""vLLM alone (HS only) vs vLLM with the MoEE plugin (HS + RW) vs MoEEncoder, side by side.
+
+    scripts/vllm_env.sh VENV && VENV/bin/python benchmarks/bench_vllm.py [--model olmoe] [--texts 192] [--rounds 5]
+
+Runs in vLLM's environment. The same texts (the benchmark corpus: short texts and passages) go
+through three engines built on one scaled checkpoint (benchmarks/models.py), fp32, alternating
+every round (the order rotates): vLLM's pooling runner with last-token pooling and no
+normalisation (what vLLM embeds today: HS only), the same runner with the MoEE plugin (HS and
+RW), and MoEEncoder. Both vLLM engines run with their defaults (torch.compile, chunked prefill)
+except the prefix cache, which is off so that no round reuses an earlier one's work. Each round
+records wall time and the CPU seconds of this process and its children (vLLM's engine runs in a
+child process). The plugin's HS must equal vLLM's, and its HS and RW MoEEncoder's, within 1e-5.
+Results go to benchmarks/results/vllm_cpu_<date>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # its default keeps one core for the scheduler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import psutil  # noqa: E402  (a vLLM dependency)
+import torch  # noqa: E402
+
+from benchmarks.corpus import synthetic_corpus  # noqa: E402
+from benchmarks.helpers import RESULTS_DIR, max_row_relative_error, markdown_table  # noqa: E402
+from benchmarks.models import build_checkpoint, scaled_configs  # noqa: E402
+from moee_fast import MoEEncoder, loading  # noqa: E402
+from moee_fast.vllm import VLLMEncoder  # noqa: E402
+
+ENGINE = dict(dtype="float32", enable_prefix_caching=False, kv_cache_memory_bytes=1 << 28, max_model_len=1024)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and all its children so far."""
+    processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def vllm_hs_only(path: str, tokenizer):
+    """texts -> HS [N, H] through vLLM's own pooling runner, tokenized as the other two engines do."""
+    from vllm import LLM
+    from vllm.config import PoolerConfig
+
+    llm = LLM(model=path, runner="pooling", convert="embed", pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False), **ENGINE)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        prompts = [{"prompt_token_ids": ids} for ids in tokenizer(texts)["input_ids"]]
+        return torch.stack([torch.as_tensor(out.outputs.embedding) for out in llm.embed(prompts, use_tqdm=False)])
+
+    return embed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="olmoe", choices=["olmoe", "qwen2_moe", "mixtral"])
+    parser.add_argument("--texts", type=int, default=192)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, help="override the scaled model's depth")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # vLLM's engine otherwise drops to one thread
+    torch.set_num_threads(args.threads)
+
+    root = tempfile.mkdtemp(prefix="bench_vllm_")
+    path = build_checkpoint(args.model, root, scaled_configs(args.layers)[args.model])
+    tokenizer = loading.load_tokenizer(path)
+    texts = synthetic_corpus(tokenizer, args.texts, seed=0)
+    tokens = sum(map(len, tokenizer(texts)["input_ids"]))
+    load_before = os.getloadavg()
+
+    ours = MoEEncoder.from_pretrained(path)
+    plugin = VLLMEncoder.from_pretrained(path, **ENGINE)
+    hs_only = vllm_hs_only(path, tokenizer)
+    runs = {
+        "vLLM alone (HS only)": lambda: hs_only(texts),
+        "vLLM + MoEE plugin (HS + RW)": lambda: plugin.encode(texts),
+        "moee-fast MoEEncoder (HS + RW)": lambda: ours.encode(texts),
+    }
+    outputs = {name: run() for name, run in runs.items()}  # warm-up, and the outputs compared
+    plain, mine, ref = outputs.values()
+    errors = {"plugin HS vs vLLM HS": max_row_relative_error(mine.hs, plain),
+              "plugin HS vs MoEEncoder": max_row_relative_error(mine.hs, ref.hs),
+              "plugin RW vs MoEEncoder": max_row_relative_error(mine.rw.flatten(1), ref.rw.flatten(1))}
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    names = list(runs)
+    for round_index in range(args.rounds):
+        order = names[round_index % 3:] + names[:round_index % 3]
+        for name in order:
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            runs[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(cpu_seconds() - c0)
+        print(f"round {round_index + 1}: " + ", ".join(f"{n.split(' (')[0]} {len(texts) / wall[n][-1]:.1f} texts/s" for n in order), flush=True)
+    load_after = os.getloadavg()
+
+    base = statistics.median(wall[names[0]])
+    rows = []
+    for name in names:
+        median = statistics.median(wall[name])
+        rows.append([name, f"{len(texts) / median:.1f}", f"{tokens / median:.0f}", f"{base / median:.3f}",
+                     f"{statistics.median(cpu[name]):.2f}", f"{statistics.median(cpu[names[0]]) / statistics.median(cpu[name]):.3f}"])
+    plugin_cost = 1 - base / statistics.median(wall[names[1]])
+    plugin_cost_cpu = 1 - statistics.median(cpu[names[0]]) / statistics.median(cpu[names[1]])
+    import vllm
+
+    stamp = datetime.date.today().isoformat()
+    lines = [
+        f"# vLLM with and without the MoEE plugin vs MoEEncoder ({stamp})",
+        "",
+        f"`benchmarks/bench_vllm.py --model {args.model} --texts {args.texts} --rounds {args.rounds}`: the scaled "
+        f"{args.model} checkpoint (random weights), fp32, {len(texts)} texts / {tokens} tokens per round, "
+        f"{args.rounds} rounds alternating the three engines (rotating order), medians. vLLM {vllm.__version__} "
+        f"(CPU build), torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}; "
+        f"prefix caching off, torch.compile and chunked prefill on (vLLM's defaults).",
+        "",
+        f"Load average before the run {load_before[0]:.1f} / after {load_after[0]:.1f} on {os.cpu_count()} cores: "
+        + ("the machine was shared with other work, so wall times are noisy; the CPU-second ratio is the steadier one."
+           if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1) else "a quiet machine."),
+        "",
+        *markdown_table(["engine", "texts/s", "tokens/s", "x vLLM alone (wall)", "CPU s / round", "x vLLM alone (CPU s)"], rows),
+        "",
+        f"The plugin's cost: {plugin_cost:.1%} of vLLM's throughput by wall time, {plugin_cost_cpu:.1%} by CPU seconds "
+        "(target: at most 5%).",
+        "",
+        "Agreement (max row relative error): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + ".",
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    out = RESULTS_DIR / f"vllm_cpu_{stamp}.md"
+    out.write_text(report)
+    print(f"written to {out}")
+    if not all(error <= 1e-5 for error in errors.values()):  # NaN fails too
+        print("FAILED: the engines disagree beyond 1e-5", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

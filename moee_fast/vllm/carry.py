@@ -1,0 +1,158 @@
+"""Router rows carried through a vLLM model's own outputs.
+
+vLLM compiles each model's forward (torch.compile, CUDA graphs on GPU); a value handed to the
+pooler through a hook or a module attribute would not survive that. So the router rows travel as
+extra channels of the hidden states, and the pooler splits them off again:
+
+    layer input  [T, H | rows of the MoE layers before it]
+      -> the decoder layer runs on the first H channels only
+      -> its MoE block returns [T, H | its router scores]   (the family's scoring function, fp32)
+    layer output [T, H | rows of the MoE layers up to this one]
+    final norm   on the first H channels; the model returns [T, H | L*E]
+
+Every module keeps its class's code and its parameter names: each one's class is swapped for a
+subclass that only splits and joins channels around the original forward. The router scores are
+the block's own gate applied to the block's own input, which every tensor- or expert-parallel rank
+holds in full, so each rank carries the rows of all tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..loading.quantization import mixed_class
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where HS and the router rows lie in the channels a MoEE model returns."""
+
+    hidden_size: int
+    num_moe_layers: int
+    num_experts: int
+    dtype: torch.dtype  # the model's dtype, which the carried channels share
+
+    @property
+    def rows_per_score(self) -> int:
+        """Channels per fp32 score: one in fp32, a (high, low) pair in 16-bit dtypes."""
+        return 1 if self.dtype == torch.float32 else 2
+
+    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, H | carried] -> HS [N, H] and RW [N, L, E], both fp32."""
+        hs, carried = hidden.split([self.hidden_size, hidden.shape[-1] - self.hidden_size], dim=-1)
+        width = self.num_moe_layers * self.num_experts * self.rows_per_score
+        if carried.shape[-1] != width:
+            raise ValueError(f"the model returned {carried.shape[-1]} router channels, expected {width} for {self}")
+        scores = carried.reshape(-1, self.num_moe_layers, self.rows_per_score, self.num_experts).float()
+        return hs.float(), scores.sum(dim=2)
+
+
+def as_channels(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 scores as channels of `dtype`. A 16-bit dtype gets each score as two values, high
+    and low (high + low recovers about 16 bits of mantissa); a plain copy of the fp32 bits would
+    not survive a compiler that upcasts 16-bit copies and rounds NaN patterns on the way back."""
+    if dtype == torch.float32:
+        return scores
+    high = scores.to(dtype)
+    low = (scores - high.float()).to(dtype)
+    return torch.cat([high, low], dim=-1)
+
+
+def _split(hidden: torch.Tensor, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hs, carried = hidden.split([hidden_size, hidden.shape[-1] - hidden_size], dim=-1)
+    return hs.contiguous(), carried
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    logits = logits.float()
+    return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+class RoutedBlock:
+    """A MoE block that also returns its router scores as extra channels."""
+
+    moee_scoring: str
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Before the block runs: a fused-experts kernel may write its output over its input.
+        logits = self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))
+        logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
+        out = super().forward(hidden_states, *args, **kwargs)
+        return torch.cat([out, as_channels(_scores(logits, self.moee_scoring), out.dtype)], dim=-1)
+
+
+class CarryingLayer:
+    """A decoder layer that runs on the first H channels and passes the carried rows on, with
+    its own MoE block's rows appended."""
+
+    moee_hidden_size: int
+    moee_routed: bool
+
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        hidden, carried = _split(hidden_states, self.moee_hidden_size)
+        out, residual = super().forward(positions, hidden, residual, *args, **kwargs)
+        if not self.moee_routed:
+            return torch.cat([out, carried], dim=-1), residual
+        out, rows = out.split([self.moee_hidden_size, out.shape[-1] - self.moee_hidden_size], dim=-1)
+        return torch.cat([out, carried, rows], dim=-1), residual  # one copy of the carried rows per layer
+
+
+class CarryingNorm:
+    """The final norm on the first H channels; the carried rows pass through."""
+
+    moee_hidden_size: int
+
+    def forward(self, hidden_states, residual=None):
+        hidden, carried = _split(hidden_states, self.moee_hidden_size)
+        out = super().forward(hidden) if residual is None else super().forward(hidden, residual)
+        if isinstance(out, tuple):
+            return torch.cat([out[0], carried], dim=-1), out[1]
+        return torch.cat([out, carried], dim=-1)
+
+
+def moe_block(layer: nn.Module) -> nn.Module | None:
+    """The layer's MoE block: its child with a router (`gate`) and routed `experts`, else None
+    (a dense layer)."""
+    for child in layer.children():
+        if isinstance(getattr(child, "gate", None), nn.Module) and isinstance(getattr(child, "experts", None), nn.Module):
+            return child
+    return None
+
+
+def carry_router_rows(model: nn.Module, scoring: str, dtype: torch.dtype) -> RowLayout:
+    """Swap the classes of `model`'s decoder layers, MoE blocks and final norm so its forward
+    returns [T, H | L*E router scores]. `model` is a vLLM decoder stack (`layers`, `norm`)."""
+    hidden_size = model.config.hidden_size
+    layers = list(model.layers)[model.start_layer:model.end_layer]
+    experts = set()
+    for index, layer in enumerate(layers):
+        block = moe_block(layer)
+        _swap(layer, CarryingLayer, moee_hidden_size=hidden_size, moee_routed=block is not None)
+        if block is not None:
+            _swap(block, RoutedBlock, moee_scoring=scoring)
+            experts.add(_gate_outputs(block.gate, index))
+    if not experts:
+        raise ValueError(f"{type(model).__name__}: no MoE block (a child with `gate` and `experts`) in any layer")
+    if len(experts) > 1:
+        raise ValueError(f"{type(model).__name__}: MoE layers route to different expert counts {sorted(experts)}")
+    _swap(model.norm, CarryingNorm, moee_hidden_size=hidden_size)
+    num_moe_layers = sum(moe_block(layer) is not None for layer in layers)
+    return RowLayout(hidden_size, num_moe_layers, experts.pop(), dtype)
+
+
+def _gate_outputs(gate: nn.Module, layer: int) -> int:
+    size = getattr(gate, "output_size", None) or getattr(getattr(gate, "weight", None), "shape", (None,))[0]
+    if not size:
+        raise ValueError(f"layer {layer}: cannot tell how many experts its router scores")
+    return int(size)
+
+
+def _swap(module: nn.Module, mixin: type, **attributes) -> None:
+    if not isinstance(module, mixin):
+        cls = type(module)
+        module.__class__ = mixed_class(mixin, cls, f"{mixin.__name__}{cls.__name__}")
+    for name, value in attributes.items():
+        setattr(module, name, value)
