@@ -83,7 +83,11 @@ class Peer:
             [str(python), str(HERE / "worker.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(workdir / f"{engine}.log", "w"), text=True, env=peer_environment(), cwd=workdir,
         )
-        self.load_seconds = self._ask(dict(engine=engine, model=model, threads=THREADS, max_len=max_len))["load_seconds"]
+        try:
+            self.load_seconds = self._ask(dict(engine=engine, model=model, threads=THREADS, max_len=max_len))["load_seconds"]
+        except BaseException:
+            self.process.kill()
+            raise
 
     def _ask(self, request: dict) -> dict:
         self.process.stdin.write(json.dumps(request) + "\n")
@@ -159,10 +163,11 @@ def test_peers(family, bench_dir, tmp_path):
             model = gguf_of(checkpoint, tmp_path) if engine == "llamacpp" else checkpoint
             peers[engine] = Peer(engine, python, model, max_len, tmp_path)
             peers[engine].run(ids_path, warmup=True)
-        except (RuntimeError, subprocess.CalledProcessError) as error:
+        except Exception as error:  # noqa: BLE001  (any failure to start skips that peer, with its message)
             detail = getattr(error, "stderr", b"") or b""
             skipped[engine] = f"failed to start: {str(error)[-400:]} {detail.decode(errors='replace')[-400:]}".strip()
-            peers.pop(engine, None)
+            if engine in peers:
+                peers.pop(engine).process.kill()
 
     enc.encode(texts[:16])  # warm-up
     rounds: dict[str, list[dict]] = {"moee-fast": [], **{e: [] for e in peers}}

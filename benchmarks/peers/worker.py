@@ -94,26 +94,29 @@ def load_llamacpp(model: str, threads: int, max_len: int):
 
 
 def main() -> None:
+    # The engines log to stdout: keep the protocol on a private copy of it, and send fd 1 to stderr.
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     setup = json.loads(sys.stdin.readline())
     threads = int(setup["threads"])
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     start = time.perf_counter()
     load = {"vllm": load_vllm, "llamacpp": load_llamacpp}[setup["engine"]]
     embed = load(setup["model"], threads, int(setup["max_len"]))
-    print(json.dumps({"ready": True, "load_seconds": time.perf_counter() - start}), flush=True)
+    print(json.dumps({"ready": True, "load_seconds": time.perf_counter() - start}), file=channel, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         with open(request["ids"]) as f:
             ids = json.load(f)
         if request.get("warmup"):
             embed(ids)
-            print(json.dumps({"warm": True}), flush=True)
+            print(json.dumps({"warm": True}), file=channel, flush=True)
             continue
         cpu, wall = cpu_seconds(), time.perf_counter()
         hs = embed(ids)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         np.save(request["out"], hs)
-        print(json.dumps({"seconds": wall, "cpu_seconds": cpu}), flush=True)
+        print(json.dumps({"seconds": wall, "cpu_seconds": cpu}), file=channel, flush=True)
 
 
 if __name__ == "__main__":
