@@ -11,6 +11,7 @@ import sys
 import zipfile
 
 import pytest
+import torch
 
 from conftest import random_texts, relative_error
 from moee_fast import MoEEncoder
@@ -113,6 +114,23 @@ def test_health_and_routes_are_503_until_the_worker_runs(encoder):
     with TestClient(app) as running:
         assert running.get("/health").json() == {"status": "ok"}
         assert running.post("/v1/embeddings", json={"input": "hello"}).status_code == 200
+
+
+def test_requests_received_after_sigterm_are_answered(encoder):
+    """SIGTERM sets `draining` (uvicorn stops accepting, then waits for the requests it has): a
+    request already received and still being checked or tokenized is answered, not refused."""
+    from fastapi.testclient import TestClient
+
+    from moee_fast.serve import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig(served_model_name="tiny"))
+    with TestClient(app) as running:
+        app.state.service.draining = True
+        assert running.get("/health").status_code == 503
+        response = running.post("/v1/embeddings", json={"input": ["hello", "world"], "variant": "hs"})
+        assert response.status_code == 200, response.text
+        rows = torch.tensor([item["embedding"] for item in response.json()["data"]])
+        assert relative_error(rows, encoder.encode(["hello", "world"]).hs).max() <= 1e-5
 
 
 @pytest.mark.parametrize(

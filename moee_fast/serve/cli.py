@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 
 from ..checks import VARIANTS
 from ..prompts import PRESETS
@@ -111,7 +112,12 @@ def cmd_serve(args) -> int:
     # was installed before it ran; a no-op one lets the finished shutdown exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
-    return 0
+    # Every request is answered and the batcher has stopped. The thread pool's idle worker threads
+    # are not daemons and linger up to 10 s before the interpreter may exit: leave without them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if server.started else 1)
 
 
 def _graceful_server(uvicorn_config, app):
