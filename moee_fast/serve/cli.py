@@ -28,7 +28,7 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--variant", choices=VARIANTS, default="sum", help="default vector of /v1/embeddings and /embed (default: %(default)s)")
     serve.add_argument("--alpha", type=float, default=1.0, help="default weight of cos_RW in MoEE(sum) (default: %(default)s)")
     serve.add_argument("--prompt", help=f"default prompt: a preset ({', '.join(PRESETS)}) or a template with {{text}} (default: verbatim)")
-    serve.add_argument("--max-batch-tokens", type=_positive, default=8192, help="tokens per batch; larger requests are split (default: %(default)s)")
+    serve.add_argument("--max-batch-tokens", type=_positive, help="tokens per batch; larger requests are split (default: one forward's token budget, 2048 on CPU)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default: %(default)s)")
     serve.add_argument("--max-queue", type=_positive, default=512, help="requests accepted and unanswered before 429 (default: %(default)s)")
     serve.add_argument("--max-inputs", type=_positive, default=2048, help="inputs per request before 413 (default: %(default)s)")

@@ -8,6 +8,7 @@ import asyncio
 import copy
 import hmac
 import queue
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ class ServeConfig:
     variant: str = "sum"
     alpha: float = 1.0
     prompt: str | None = None
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int | None = None  # None: the encoder's token budget (one forward's worth)
     max_wait_ms: float = 5.0
     max_queue: int = 512
     max_inputs: int = 2048
@@ -48,7 +49,8 @@ class ServeConfig:
         self.alpha = check_alpha(self.alpha)
         if self.prompt is not None and self.prompt != VERBATIM:
             build_prompt(self.prompt)
-        for name in ("max_batch_tokens", "max_queue", "max_inputs", "max_request_tokens", "max_compare_inputs", "max_body_bytes", "retry_after_s"):
+        check_positive_int("max_batch_tokens", self.max_batch_tokens, allow_none=True)
+        for name in ("max_queue", "max_inputs", "max_request_tokens", "max_compare_inputs", "max_body_bytes", "retry_after_s"):
             check_positive_int(name, getattr(self, name))
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
@@ -72,7 +74,10 @@ class EmbeddingService:
         self._tokenizers: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(TOKENIZERS):
             self._tokenizers.put(copy.deepcopy(encoder.tokenizer))
-        self.queue = JobQueue(config.max_queue, config.max_batch_tokens)
+        # Small batches keep a small request's wait short: it waits for at most the batch running
+        # when it arrives, and larger requests are split into batches of this size.
+        self.max_batch_tokens = config.max_batch_tokens or encoder.token_budget
+        self.queue = JobQueue(config.max_queue, self.max_batch_tokens)
         self.metrics = Metrics(lambda: self.queue.depth)
         self.batcher = Batcher(encoder, self.queue, config.max_wait_ms, self.metrics)
         self.ready = self.draining = False
@@ -86,6 +91,7 @@ class EmbeddingService:
     def info(self) -> dict:
         enc, config = self.encoder, self.config
         limits = {k: v for k, v in asdict(config).items() if k.startswith("max_") or k == "retry_after_s"}
+        limits["max_batch_tokens"] = self.max_batch_tokens
         return {
             # What text-embeddings-inference clients read
             "model_id": config.served_model_name,
@@ -94,7 +100,7 @@ class EmbeddingService:
             "model_type": {"embedding": {"pooling": "last_token"}},
             "max_concurrent_requests": config.max_queue,
             "max_input_length": self.context,
-            "max_batch_tokens": config.max_batch_tokens,
+            "max_batch_tokens": self.max_batch_tokens,
             "max_batch_requests": None,
             "max_client_batch_size": config.max_inputs,
             "tokenization_workers": TOKENIZERS,
@@ -159,14 +165,18 @@ class EmbeddingService:
             self._tokenizers.put(tokenizer)
 
     def token_ids(self, items: list, prompt: str | None, truncate: bool, names: list[str], keep_last: int | None = None) -> list[list[int]]:
-        """Each item's token ids for the model: texts prompted and tokenized, ids as given.
-        `truncate` keeps the head of a too-long input; `keep_last` keeps its last tokens."""
-        template = build_prompt(prompt) if prompt is not None else None
-        out, total = [], 0
-        for item, name in zip(items, names):
-            if not isinstance(item, (str, list)):
+        """Each item's token ids for the model: texts prompted and tokenized (in one call), ids as
+        given. `truncate` keeps the head of a too-long input; `keep_last` keeps its last tokens."""
+        texts = {}
+        for i, (item, name) in enumerate(zip(items, names)):
+            if isinstance(item, str):
+                texts[i] = self._bounded_text(item, truncate, keep_last, name)
+            elif not isinstance(item, list):
                 raise APIError(400, f"{name} is {type(item).__name__}: it must be a string or a list of token ids", param=name)
-            seq = self._text_ids(item, template, truncate, keep_last, name) if isinstance(item, str) else self._checked_ids(item, name)
+        tokenized = dict(zip(texts, self._tokenize(list(texts.values()), prompt, truncate and keep_last is None, [names[i] for i in texts])))
+        out, total = [], 0
+        for i, (item, name) in enumerate(zip(items, names)):
+            seq = tokenized[i] if i in tokenized else self._checked_ids(item, name)
             if keep_last is not None:
                 seq = seq[-keep_last:]
             elif truncate and self.context and len(seq) > self.context:
@@ -179,30 +189,35 @@ class EmbeddingService:
             out.append(seq)
         return out
 
-    def _text_ids(self, text: str, template, truncate: bool, keep_last: int | None, name: str) -> list[int]:
+    def _bounded_text(self, text: str, truncate: bool, keep_last: int | None, name: str) -> str:
+        """The text, checked, and cut by characters where it cannot fit the context anyway."""
         found = _SURROGATE.search(text)
         if found:
             message = f"{name} holds a lone surrogate {found.group()!r} at character {found.start()}, which is not valid Unicode text"
             raise APIError(400, message, param=name)
         # A cheap bound before tokenizing: no token stands for more than `token_chars` characters.
-        if self.context:
-            fits = self.context * self.token_chars
-            if len(text) > fits:
-                if keep_last is not None:
-                    text = text[-keep_last * self.token_chars :]
-                elif truncate:
-                    text = text[:fits]
-                else:
-                    message = (f"{name} has {len(text)} characters, more than the model's context of {self.context} "
-                               "tokens can hold; send truncate: true to keep its head")
-                    raise APIError(400, message, param=name, code="context_length_exceeded")
-        max_length = self.context if truncate and keep_last is None else None
+        fits = self.context * self.token_chars if self.context else len(text)
+        if len(text) <= fits:
+            return text
+        if keep_last is not None:
+            return text[-keep_last * self.token_chars :]
+        if truncate:
+            return text[:fits]
+        message = (f"{name} has {len(text)} characters, more than the model's context of {self.context} "
+                   "tokens can hold; send truncate: true to keep its head")
+        raise APIError(400, message, param=name, code="context_length_exceeded")
+
+    def _tokenize(self, texts: list[str], prompt: str | None, truncate: bool, names: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        template = build_prompt(prompt) if prompt is not None else None
         with self._tokenizer() as tokenizer:
             try:
-                ids, _ = tokenize(tokenizer, [text], template, max_length)
-            except ValueError as exc:
-                raise APIError(400, f"{name}: {exc}".replace("texts[0]: ", ""), param=name) from None
-        return ids[0]
+                ids, _ = tokenize(tokenizer, texts, template, self.context if truncate else None)
+            except ValueError as exc:  # names the text as texts[i]: name it as the request does
+                message = re.sub(r"texts\[(\d+)\]", lambda m: names[int(m.group(1))], str(exc))
+                raise APIError(400, message, param=next((n for n in names if n in message), None)) from None
+        return ids
 
     def _checked_ids(self, ids: list, name: str) -> list[int]:
         for j, token in enumerate(ids):
