@@ -143,15 +143,16 @@ async def hostile(url: str, corpus: list[str], seconds: float, attack: bool = Tr
 
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as http:
-        crowd = [attacker(http, name) for name, copies in (("truncate 3 MB", 1), ("2,048 inputs", 2), ("/compare 2,048", 4), ("/compare 16", 4)) for _ in range(copies)]
-        await asyncio.gather(probe(http), *(crowd if attack else []))
+        copies = (("truncate 3 MB", 1), ("2,048 inputs", 2), ("/compare 2,048", 4), ("/compare 16", 4)) if attack else ()
+        await asyncio.gather(probe(http), *(attacker(http, name) for name, n in copies for _ in range(n)))
     return latencies, statuses, probe_vectors
 
 
 def run_hostile(args, path: str, encoder) -> str:
     corpus = synthetic_corpus(encoder.tokenizer, 400, seed=args.seed)
     load_before = os.getloadavg()
-    process, url = start_server(path, args.threads, "--max-body-bytes", str(4 * 1024 * 1024))
+    flags = ("--max-batch-tokens", str(args.max_batch_tokens)) if args.max_batch_tokens else ()
+    process, url = start_server(path, args.threads, *flags)
     try:
         quiet, _, _ = asyncio.run(hostile(url, corpus, args.seconds / 4, attack=False))  # the same probe alone, first
         latencies, statuses, vectors = asyncio.run(hostile(url, corpus, args.seconds))
@@ -164,13 +165,9 @@ def run_hostile(args, path: str, encoder) -> str:
     worst = max(float(((torch.from_numpy(v.copy()) - e).norm() / e.norm())) for (_, v), e in zip(vectors, expected))
     p50, p99, most = np.percentile(np.array(latencies) * 1000, [50, 99, 100])
     q50, q99 = np.percentile(np.array(quiet) * 1000, [50, 99])
-    depth = f", {args.layers} layers" if args.layers else ""
     lines = [
-        f"# moee serve under a hostile mix ({args.model}{depth}, {datetime.date.today().isoformat()})",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
-        f"threads in the server; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared machine: "
-        "other work ran beside this one). Server defaults (batch budget: one forward's token budget).",
+        *heading("moee serve under a hostile mix", args, load_before, load_after),
+        f"Server defaults, --max-batch-tokens {args.max_batch_tokens or 'default (one forward: 2048 on CPU)'}.",
         "",
         f"For {args.seconds:.0f} s: 1 client sending a 3 MB text with truncate, 2 sending 2,048 short inputs, 4 sending "
         "/compare with 2,048 inputs (over the cap), 4 sending /compare with 16; a probe sends one text at a time (50 ms apart).",
@@ -198,6 +195,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hostile", action="store_true", help="the hostile mix instead of throughput")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the hostile mix (default: %(default)s)")
+    parser.add_argument("--max-batch-tokens", type=int, help="the server's --max-batch-tokens (default: the server's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,21 +240,29 @@ def write_report(report: str, stem: str) -> int:
     print(report)
     os.makedirs(RESULTS, exist_ok=True)
     out = os.path.join(RESULTS, f"{stem}_{datetime.date.today().isoformat()}.md")
+    if os.path.exists(out):  # a second run the same day keeps the first
+        out = out.replace(".md", f"_{datetime.datetime.now():%H%M}.md")
     with open(out, "w") as f:
         f.write(report)
     print(f"wrote {out}")
     return 0
 
 
+def heading(title: str, args, load_before, load_after) -> list[str]:
+    depth = f", {args.layers} layers" if args.layers else ""
+    return [
+        f"# {title} ({args.model}{depth}, {datetime.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
+        f"threads in each process; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
+    ]
+
+
 def render(args, n_texts, tokens, in_process, served, latencies, worst, load_before, load_after) -> str:
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    depth = f", {args.layers} layers" if args.layers else ""
     lines = [
-        f"# moee serve vs in-process encode ({args.model}{depth}, {datetime.date.today().isoformat()})",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads "
-        f"in each process; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. The machine was shared "
-        "with other work during the run, so absolute rates move; the two paths alternated on the same texts.",
+        *heading("moee serve vs in-process encode", args, load_before, load_after),
+        "The machine was shared with other work during the run, so absolute rates move; the two paths alternated on the same texts.",
         "",
         f"{args.requests} requests of 1-16 texts ({n_texts} texts, {tokens} tokens), {args.clients} concurrent clients, "
         "base64 responses; in process: one `encode` call over all the texts.",
