@@ -8,6 +8,13 @@ in-process `encode` call over the same texts (`--rounds` times); the server's te
 against in-process encode's, median against median. Latency: p50 and p99 per request with half
 as many clients. Every vector the server returns is checked against in-process encode. Results
 go to benchmarks/results/.
+
+    python benchmarks/bench_serve.py --hostile [--seconds 60]
+
+Hostile mix: while clients send a 3 MB `truncate` request, 2,048-input requests and a flood of
+/compare requests (over the cap and at it), a probe sends one-text requests one after another
+and records their latency; the run reports the probe's p50/p99, every status seen per kind,
+and checks the probe's vectors against in-process encode.
 """
 
 from __future__ import annotations
@@ -43,12 +50,12 @@ def make_requests(texts: list[str], count: int, seed: int) -> list[list[str]]:
     return [rng.sample(texts, rng.randint(1, 16)) for _ in range(count)]
 
 
-def start_server(model: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int | None, *flags: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    command = [sys.executable, "-m", "moee_fast.cli", "serve", "--model", model, "--port", str(port), "--log-level", "warning"]
+    command = [sys.executable, "-m", "moee_fast.cli", "serve", "--model", model, "--port", str(port), "--log-level", "warning", *flags]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -98,6 +105,85 @@ def max_relative_diff(requests, vectors, reference: dict[str, torch.Tensor]) -> 
     return worst
 
 
+# ------------------------------------------------------------------------------ hostile mix
+async def hostile(url: str, corpus: list[str], seconds: float, attack: bool = True) -> tuple[list[float], dict, list[tuple[str, np.ndarray]]]:
+    """Attackers loop until the time is up (none with `attack` false); the probe measures
+    one-text requests meanwhile."""
+    rng = random.Random(1)
+    huge = (" ".join(corpus) + " ") * (3_000_000 // (sum(map(len, corpus)) + len(corpus)) + 1)
+    attacks = {
+        "truncate 3 MB": ("/v1/embeddings", {"input": huge[:3_000_000], "truncate": True, "encoding_format": "base64"}),
+        "2,048 inputs": ("/v1/embeddings", {"input": [rng.choice(corpus)[:100] for _ in range(2048)], "encoding_format": "base64"}),
+        "/compare 2,048": ("/compare", {"input": [corpus[i % len(corpus)][:10] for i in range(2048)]}),
+        "/compare 16": ("/compare", {"input": corpus[:16]}),
+    }
+    statuses: dict[str, dict[int, int]] = {name: {} for name in [*attacks, "probe"]}
+    latencies, probe_vectors = [], []
+    stop = time.monotonic() + seconds
+
+    async def attacker(http, name):
+        route, body = attacks[name]
+        while time.monotonic() < stop:
+            try:
+                status = (await http.post(route, json=body)).status_code
+            except httpx.TransportError:
+                status = -1
+            statuses[name][status] = statuses[name].get(status, 0) + 1
+
+    async def probe(http):
+        while time.monotonic() < stop:
+            text = rng.choice(corpus)
+            begin = time.perf_counter()
+            response = await http.post("/v1/embeddings", json={"input": text, "variant": "hs", "encoding_format": "base64"})
+            latencies.append(time.perf_counter() - begin)
+            statuses["probe"][response.status_code] = statuses["probe"].get(response.status_code, 0) + 1
+            if response.status_code == 200:
+                probe_vectors.append((text, np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")))
+            await asyncio.sleep(0.05)
+
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as http:
+        copies = (("truncate 3 MB", 1), ("2,048 inputs", 2), ("/compare 2,048", 4), ("/compare 16", 4)) if attack else ()
+        await asyncio.gather(probe(http), *(attacker(http, name) for name, n in copies for _ in range(n)))
+    return latencies, statuses, probe_vectors
+
+
+def run_hostile(args, path: str, encoder) -> str:
+    corpus = synthetic_corpus(encoder.tokenizer, 400, seed=args.seed)
+    load_before = os.getloadavg()
+    flags = ("--max-batch-tokens", str(args.max_batch_tokens)) if args.max_batch_tokens else ()
+    process, url = start_server(path, args.threads, *flags)
+    try:
+        quiet, _, _ = asyncio.run(hostile(url, corpus, args.seconds / 4, attack=False))  # the same probe alone, first
+        latencies, statuses, vectors = asyncio.run(hostile(url, corpus, args.seconds))
+    finally:
+        process.terminate()
+        process.wait(60)
+    load_after = os.getloadavg()
+    texts = [text for text, _ in vectors]
+    expected = encoder.encode(texts).hs
+    worst = max(float(((torch.from_numpy(v.copy()) - e).norm() / e.norm())) for (_, v), e in zip(vectors, expected))
+    p50, p99, most = np.percentile(np.array(latencies) * 1000, [50, 99, 100])
+    q50, q99 = np.percentile(np.array(quiet) * 1000, [50, 99])
+    lines = [
+        *heading("moee serve under a hostile mix", args, load_before, load_after),
+        f"Server defaults, --max-batch-tokens {args.max_batch_tokens or 'default (one forward: 2048 on CPU)'}.",
+        "",
+        f"For {args.seconds:.0f} s: 1 client sending a 3 MB text with truncate, 2 sending 2,048 short inputs, 4 sending "
+        "/compare with 2,048 inputs (over the cap), 4 sending /compare with 16; a probe sends one text at a time (50 ms apart).",
+        "",
+        f"Probe (one text, {len(latencies)} requests): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {most:.0f} ms. "
+        f"The same probe alone just before ({args.seconds / 4:.0f} s, {len(quiet)} requests): p50 {q50:.0f} ms, p99 {q99:.0f} ms.",
+        "",
+        "| client | answers by status |",
+        "|---|---|",
+    ]
+    for name, counts in statuses.items():
+        lines.append(f"| {name} | {', '.join(f'{status}: {n}' for status, n in sorted(counts.items()))} |")
+    lines += ["", f"Largest relative difference of a probe's vector from in-process encode: {worst:.1e}.", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="olmoe", help="a benchmark model (benchmarks/models.py): olmoe, mixtral, qwen2_moe, deepseek")
@@ -107,6 +193,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="in-process and served runs, alternated (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads in both processes (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hostile", action="store_true", help="the hostile mix instead of throughput")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the hostile mix (default: %(default)s)")
+    parser.add_argument("--max-batch-tokens", type=int, help="the server's --max-batch-tokens (default: the server's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,6 +205,8 @@ def main() -> int:
     else:
         path = build_checkpoint(args.model, root)
     encoder = MoEEncoder.from_pretrained(path, device="cpu")
+    if args.hostile:
+        return write_report(run_hostile(args, path, encoder), f"serve_hostile_{args.model}")
     corpus = synthetic_corpus(encoder.tokenizer, 400, seed=args.seed)
     requests = make_requests(corpus, args.requests, args.seed)
     half = requests[::2]  # the latency run: half the clients, texts the reference covers
@@ -142,24 +233,36 @@ def main() -> int:
         process.terminate()
         process.wait(60)
     report = render(args, len(texts), tokens, in_process, served, latencies, worst, load_before, os.getloadavg())
+    return write_report(report, f"serve_{args.model}")
+
+
+def write_report(report: str, stem: str) -> int:
     print(report)
     os.makedirs(RESULTS, exist_ok=True)
-    out = os.path.join(RESULTS, f"serve_{args.model}_{datetime.date.today().isoformat()}.md")
+    out = os.path.join(RESULTS, f"{stem}_{datetime.date.today().isoformat()}.md")
+    if os.path.exists(out):  # a second run the same day keeps the first
+        out = out.replace(".md", f"_{datetime.datetime.now():%H%M}.md")
     with open(out, "w") as f:
         f.write(report)
     print(f"wrote {out}")
     return 0
 
 
+def heading(title: str, args, load_before, load_after) -> list[str]:
+    depth = f", {args.layers} layers" if args.layers else ""
+    return [
+        f"# {title} ({args.model}{depth}, {datetime.date.today().isoformat()})",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
+        f"threads in each process; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
+    ]
+
+
 def render(args, n_texts, tokens, in_process, served, latencies, worst, load_before, load_after) -> str:
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    depth = f", {args.layers} layers" if args.layers else ""
     lines = [
-        f"# moee serve vs in-process encode ({args.model}{depth}, {datetime.date.today().isoformat()})",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads "
-        f"in each process; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. The machine was shared "
-        "with other work during the run, so absolute rates move; the two paths alternated on the same texts.",
+        *heading("moee serve vs in-process encode", args, load_before, load_after),
+        "The machine was shared with other work during the run, so absolute rates move; the two paths alternated on the same texts.",
         "",
         f"{args.requests} requests of 1-16 texts ({n_texts} texts, {tokens} tokens), {args.clients} concurrent clients, "
         "base64 responses; in process: one `encode` call over all the texts.",

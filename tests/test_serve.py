@@ -26,8 +26,8 @@ def model_path(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    live = LiveServer(model_path, "--api-key", KEY, "--max-inputs", "64", "--max-body-bytes", "65536",
-                      "--served-model-name", "tiny-qwen2-moe", "--variant", "sum", "--alpha", "0.75")
+    live = LiveServer(model_path, "--max-inputs", "64", "--max-body-bytes", "65536", "--max-compare-inputs", "4",
+                      "--served-model-name", "tiny-qwen2-moe", "--variant", "sum", "--alpha", "0.75", env={"MOEE_API_KEY": KEY})
     yield live
     assert live.stop() == 0, live.output()
 
@@ -92,7 +92,7 @@ def test_base64_is_little_endian_float32(server, encoder):
 # ------------------------------------------------------------------------------ MoEE routes
 def test_embed_returns_both_views(server, encoder):
     texts = random_texts(5, seed=7)
-    body = post(server, "/embed", {"input": texts, "prompt": "prompteol"}).json()
+    body = post(server, "/moee/embed", {"input": texts, "prompt": "prompteol"}).json()
     expected = encoder.encode(texts, prompt="prompteol")
     assert_rows_close(body["hs"], expected.hs)
     assert_rows_close(body["rw"], expected.rw)
@@ -129,12 +129,12 @@ def test_compare_gives_the_three_matrices_and_routing(server, encoder):
     assert_rows_close(body["routing"], emb.rw)
 
 
-def test_text_beyond_the_context_is_422_unless_truncated(server, encoder):
+def test_text_beyond_the_context_is_400_unless_truncated(server, encoder):
     long_text = " ".join(random_texts(40, seed=5, max_words=120))
     context = encoder.model.config.max_position_embeddings
     assert len(encoder.tokenizer(long_text)["input_ids"]) > context
     texts = ["short one", long_text]
-    assert_error(post(server, "/v1/embeddings", {"input": texts}), 422, "input[1]", f"context of {context}")
+    assert_error(post(server, "/v1/embeddings", {"input": texts}), 400, "input[1]", f"context of {context}")
     body = post(server, "/v1/embeddings", {"input": texts, "truncate": True, "variant": "hs"}).json()
     with pytest.warns(UserWarning, match="truncated"):
         expected = encoder.encode(texts, max_length=context).hs
@@ -146,7 +146,8 @@ def test_text_beyond_the_context_is_422_unless_truncated(server, encoder):
 def test_missing_or_wrong_key_is_401(server):
     assert_error(post(server, "/v1/embeddings", {"input": "x"}, headers={}), 401, text="API key")
     assert_error(post(server, "/v1/embeddings", {"input": "x"}, headers={"Authorization": "Bearer wrong"}), 401)
-    assert_error(post(server, "/embed", {"input": "x"}, headers={"Authorization": KEY}), 401)
+    assert_error(post(server, "/moee/embed", {"input": "x"}, headers={"Authorization": KEY}), 401)
+    assert_error(httpx.get(server.url + "/v1/models"), 401)
 
 
 def test_too_large_is_413(server):
@@ -157,35 +158,83 @@ def test_too_large_is_413(server):
     response = httpx.post(server.url + "/v1/embeddings", content=chunks, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
     assert_error(response, 413)
     assert_error(post(server, "/v1/embeddings", {"input": ["x"] * 65}), 413, "input", "--max-inputs 64")
+    assert_error(post(server, "/compare", {"input": ["x"] * 5}), 413, "input", "--max-compare-inputs 4")
 
 
 @pytest.mark.parametrize(
     "body, param, text",
     [
         (b'{"input": ["unterminated"', None, "not valid JSON"),
+        (b'{"input": "caf\xe9"}', None, "UTF-8"),
         ([1, 2], None, "JSON object"),
         ({"model": "m"}, "input", "Field required"),
         ({"input": []}, "input", "empty"),
-        ({"input": ["ok", 3]}, "input[1]", "token ids"),
-        ({"input": [[1, 2, 3]]}, "input[0]", "token ids"),
+        ({"input": ["ok", 3]}, "input[1]", "must be a string or a list of token ids"),
+        ({"input": [[1, 2, 10**9]]}, "input[0][2]", "token id"),
+        ({"input": [[1, -1]]}, "input[0][1]", "token id"),
+        ({"input": [[1, True]]}, "input[0][1]", "token id"),
+        ({"input": ["ok", []]}, "input[1]", "empty"),
         ({"input": ["ok", None]}, "input[1]", "must be a string"),
+        ({"input": {"text": "x"}}, "input", "must be a string"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format", ""),
         ({"input": "x", "dimensions": 16}, "dimensions", "cannot be shortened"),
+        ({"input": "x", "dimensions": "16"}, "dimensions", ""),
         ({"input": "x", "variant": "max"}, "variant", "unknown variant"),
         ({"input": "x", "alpha": -1}, "alpha", "alpha"),
+        ({"input": "x", "alpha": "1"}, "alpha", ""),
         ({"input": "x", "prompt": "no placeholder"}, "prompt", "{text}"),
-        ({"input": "x", "truncate": "maybe"}, "truncate", ""),
+        ({"input": "x", "truncate": "yes"}, "truncate", ""),
+        ({"input": "x", "truncate": 1}, "truncate", ""),
+        ({"input": "x", "normalize": "true"}, "normalize", ""),
+        ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "-1 or in [1,"),
+        ({"input": "x", "dimensons": 8}, "dimensons", "unknown field"),
+        ({"input": "x", "encoding": "float"}, "encoding", "unknown field"),
     ],
 )
-def test_bad_requests_are_422(server, body, param, text):
-    assert_error(post(server, "/v1/embeddings", body), 422, param, text)
+def test_bad_requests_are_400_naming_the_param(server, body, param, text):
+    assert_error(post(server, "/v1/embeddings", body), 400, param, text)
+
+
+def test_bad_requests_are_an_openai_sdk_bad_request_error(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="m", input="x", dimensions=7)
+    with pytest.raises(openai.BadRequestError, match="encoding_format"):
+        client.embeddings.create(model="m", input="x", encoding_format="int8")
+
+
+LONE_SURROGATE = r'"a\ud800b"'  # a JSON string holding a lone surrogate (a valid JSON escape)
+
+
+@pytest.mark.parametrize(
+    "route, template, param",
+    [
+        ("/v1/embeddings", '{"input": ["ok", %s]}', "input[1]"),
+        ("/embed", '{"inputs": ["ok", %s]}', "inputs[1]"),
+        ("/", '{"inputs": %s}', "inputs[0]"),
+        ("/moee/embed", '{"input": [%s]}', "input[0]"),
+        ("/similarity", '{"source": "q", "targets": ["ok", %s]}', "targets[1]"),
+        ("/similarity", '{"source": %s, "targets": ["ok"]}', "source"),
+        ("/rerank", '{"query": "q", "documents": ["ok", %s]}', "documents[1]"),
+        ("/rerank", '{"query": %s, "texts": ["ok"]}', "query"),
+        ("/compare", '{"input": ["ok", %s]}', "input[1]"),
+    ],
+)
+def test_a_lone_surrogate_is_400_naming_the_input_on_every_route(server, route, template, param):
+    body = (template % LONE_SURROGATE).encode()
+    assert rb"\ud800" in body
+    assert_error(post(server, route, body), 400, param, "lone surrogate")
 
 
 def test_bad_requests_on_moee_routes_name_the_item(server):
-    assert_error(post(server, "/similarity", {"source": "q", "targets": ["a", 7]}), 422, "targets[1]")
-    assert_error(post(server, "/rerank", {"query": "q", "documents": ["a"], "top_n": 0}), 422, "top_n")
-    assert_error(post(server, "/rerank", {"query": "q", "documents": []}), 422, "documents", "empty")
-    assert_error(post(server, "/compare", {"input": "not a list"}), 422, "input")
+    assert_error(post(server, "/similarity", {"source": "q", "targets": ["a", 7]}), 400, "targets[1]")
+    assert_error(post(server, "/rerank", {"query": "q", "documents": ["a"], "top_n": 0}), 400, "top_n")
+    assert_error(post(server, "/rerank", {"query": "q", "documents": []}), 400, "documents", "empty")
+    assert_error(post(server, "/rerank", {"query": "q", "documents": ["a"], "texts": ["b"]}), 400, "texts", "either")
+    assert_error(post(server, "/compare", {"input": "not a list"}), 400, "input")
+    assert_error(post(server, "/embed", {"inputs": "x", "prompt_name": "nope"}), 400, "prompt_name", "preset")
+    assert_error(post(server, "/embed", {"inputs": "x", "truncation_direction": "Left"}), 400, "truncation_direction", "unknown field")
 
 
 def test_unknown_route_and_full_dimensions(server, encoder):
@@ -217,7 +266,7 @@ def test_metrics_parse_as_prometheus_text(server):
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     families = {family.name: family for family in text_string_to_metric_families(response.text)}
     requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["moee_requests"].samples if s.name == "moee_requests_total"}
-    assert requests[("/v1/embeddings", "200")] >= 1 and requests[("/v1/embeddings", "422")] >= 1
+    assert requests[("/v1/embeddings", "200")] >= 1 and requests[("/v1/embeddings", "400")] >= 1
     for name in ("moee_tokens", "moee_texts", "moee_batch_texts", "moee_batch_tokens", "moee_queue_depth",
                  "moee_request_duration_seconds", "moee_inference_duration_seconds", "moee_queue_duration_seconds"):
         assert name in families, name

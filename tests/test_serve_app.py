@@ -11,6 +11,7 @@ import sys
 import zipfile
 
 import pytest
+import torch
 
 from conftest import random_texts, relative_error
 from moee_fast import MoEEncoder
@@ -23,17 +24,24 @@ def encoder(checkpoint):
     return MoEEncoder.from_pretrained(checkpoint("olmoe", bos=False), device="cpu")
 
 
-def run_jobs(encoder, jobs_spec, max_batch_tokens=4096, max_wait_ms=50.0):
-    """Queue (texts, prompt) jobs together, run the worker, and return each job's outcome."""
+def token_ids(encoder, texts, prompt=None):
+    from moee_fast import build_prompt
+
+    strings = texts if prompt is None else [build_prompt(prompt).format(t) for t in texts]
+    return encoder.tokenizer(strings)["input_ids"]
+
+
+def run_jobs(encoder, jobs_ids, max_batch_tokens=4096, max_wait_ms=50.0):
+    """Queue jobs of token ids together, run the worker, and return each job's outcome."""
     from moee_fast.serve.batcher import Batcher, Job, JobQueue
 
     async def main():
         loop = asyncio.get_running_loop()
-        queue = JobQueue(max_jobs=len(jobs_spec))
-        jobs = [Job(texts, sum(len(t) + 1 for t in texts), prompt, None, loop.create_future(), loop) for texts, prompt in jobs_spec]
+        queue = JobQueue(max_jobs=len(jobs_ids), max_tokens=max_batch_tokens)
+        jobs = [Job(ids, loop.create_future(), loop) for ids in jobs_ids]
         for job in jobs:
             queue.put(job)
-        batcher = Batcher(encoder, queue, max_batch_tokens, max_wait_ms)
+        batcher = Batcher(encoder, queue, max_wait_ms)
         batcher.start()
         outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
         await asyncio.to_thread(batcher.stop, 30)
@@ -42,10 +50,11 @@ def run_jobs(encoder, jobs_spec, max_batch_tokens=4096, max_wait_ms=50.0):
     return asyncio.run(main())
 
 
-def test_batcher_gives_each_job_its_rows_whatever_its_neighbours(encoder):
+@pytest.mark.parametrize("max_batch_tokens", [4096, 7])  # 7: every job split into pieces, interleaved
+def test_batcher_gives_each_job_its_rows_whatever_its_neighbours(encoder, max_batch_tokens):
     texts = random_texts(11, seed=4)
     spec = [(texts[:3], None), (texts[3:4], "prompteol"), (texts[4:9], None), (texts[9:], "Q: {text} A:")]
-    outcomes, depth = run_jobs(encoder, spec)
+    outcomes, depth = run_jobs(encoder, [token_ids(encoder, t, p) for t, p in spec], max_batch_tokens)
     assert depth == 0
     for (job_texts, prompt), out in zip(spec, outcomes):
         expected = encoder.encode(job_texts, prompt=prompt)
@@ -54,32 +63,40 @@ def test_batcher_gives_each_job_its_rows_whatever_its_neighbours(encoder):
 
 
 def test_a_failing_job_costs_its_batch_neighbours_nothing(encoder):
-    # This tokenizer adds no BOS: an empty text has no last token, and encode refuses it.
-    spec = [(["first text"], None), (["ok", ""], None), (["third one here"], None)]
-    outcomes, depth = run_jobs(encoder, spec)
+    # An empty id sequence has no last token: the encoder refuses it.
+    texts = ["first text", "ok", "third one here"]
+    jobs = [token_ids(encoder, texts[:1]), [token_ids(encoder, texts[1:2])[0], []], token_ids(encoder, texts[2:])]
+    outcomes, depth = run_jobs(encoder, jobs)
     assert depth == 0
-    assert isinstance(outcomes[1], ValueError) and "texts[1]" in str(outcomes[1])
+    assert isinstance(outcomes[1], (ValueError, RuntimeError)), outcomes[1]
     for index in (0, 2):
-        expected = encoder.encode(spec[index][0])
+        expected = encoder.encode(texts[index : index + 1])
         assert relative_error(outcomes[index].hs, expected.hs).max() <= 1e-5
 
 
-def test_queue_fills_batches_up_to_the_token_budget():
+def test_queue_interleaves_jobs_within_the_token_budget():
     from moee_fast.serve.batcher import Job, JobQueue, QueueFull
 
     loop = asyncio.new_event_loop()
     try:
-        queue = JobQueue(max_jobs=4)
-        for tokens in (6, 3, 2, 9):
-            queue.put(Job(["x"], tokens, None, None, loop.create_future(), loop))
+        queue = JobQueue(max_jobs=3, max_tokens=10)
+        big = Job([[1] * 4] * 6, loop.create_future(), loop)  # 24 tokens: pieces of 8, 8, 8
+        small = Job([[2] * 3], loop.create_future(), loop)
+        huge_row = Job([[3] * 25], loop.create_future(), loop)  # one row over the budget runs alone
+        for job in (big, small, huge_row):
+            queue.put(job)
         with pytest.raises(QueueFull):
-            queue.put(Job(["x"], 1, None, None, loop.create_future(), loop))
-        assert [job.tokens for job in queue.take_batch(max_tokens=11, max_wait_s=0)] == [6, 3, 2]
-        assert [job.tokens for job in queue.take_batch(max_tokens=4, max_wait_s=0)] == [9]  # alone, though over budget
-        assert queue.depth == 4  # taken, not yet answered
-        queue.answered(4)
+            queue.put(Job([[1]], loop.create_future(), loop))
+        shape = lambda batch: [(piece.job is big, piece.start, piece.stop) for piece in batch]  # noqa: E731
+        assert shape(queue.take_batch(max_wait_s=0)) == [(True, 0, 2)]  # the small job does not fit beside it
+        assert [p.job for p in queue.take_batch(max_wait_s=0)] == [small]  # its turn before big's next piece
+        assert [p.job for p in queue.take_batch(max_wait_s=0)] == [huge_row]
+        assert shape(queue.take_batch(max_wait_s=0)) == [(True, 2, 4)]
+        assert shape(queue.take_batch(max_wait_s=0)) == [(True, 4, 6)]
+        assert queue.depth == 3  # taken, not yet answered
+        queue.answered(3)
         queue.close()
-        assert queue.take_batch(max_tokens=11, max_wait_s=0) is None
+        assert queue.take_batch(max_wait_s=0) is None
     finally:
         loop.close()
 
@@ -97,6 +114,23 @@ def test_health_and_routes_are_503_until_the_worker_runs(encoder):
     with TestClient(app) as running:
         assert running.get("/health").json() == {"status": "ok"}
         assert running.post("/v1/embeddings", json={"input": "hello"}).status_code == 200
+
+
+def test_requests_received_after_sigterm_are_answered(encoder):
+    """SIGTERM sets `draining` (uvicorn stops accepting, then waits for the requests it has): a
+    request already received and still being checked or tokenized is answered, not refused."""
+    from fastapi.testclient import TestClient
+
+    from moee_fast.serve import ServeConfig, create_app
+
+    app = create_app(encoder, ServeConfig(served_model_name="tiny"))
+    with TestClient(app) as running:
+        app.state.service.draining = True
+        assert running.get("/health").status_code == 503
+        response = running.post("/v1/embeddings", json={"input": ["hello", "world"], "variant": "hs"})
+        assert response.status_code == 200, response.text
+        rows = torch.tensor([item["embedding"] for item in response.json()["data"]])
+        assert relative_error(rows, encoder.encode(["hello", "world"]).hs).max() <= 1e-5
 
 
 @pytest.mark.parametrize(

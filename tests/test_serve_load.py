@@ -63,7 +63,7 @@ def test_full_queue_answers_429_with_retry_after_and_loses_nothing(server, encod
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(server, encoder):
     texts = random_texts(6, seed=8)
     answer = {}
-    sender = threading.Thread(target=lambda: answer.setdefault("response", post(server, "/embed", {"input": texts}, headers={})))
+    sender = threading.Thread(target=lambda: answer.setdefault("response", post(server, "/moee/embed", {"input": texts}, headers={})))
     sender.start()
     deadline = time.monotonic() + 30
     while queue_depth(server) < 1:  # accepted and waiting for its batch to fill
