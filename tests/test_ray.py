@@ -39,7 +39,7 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
         warnings.simplefilter("always")
         stats = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
     assert not [w for w in caught if "checkpoint" in str(w.message).lower()]  # Ray kept checkpointing on
-    assert stats["rows"] == 21 and sorted(os.listdir(tmp_path / "ray")) == ["data", "manifest.json"]
+    assert stats["rows"] == 21 and sorted(os.listdir(tmp_path / "ray")) == ["_lock", "_manifest.json", "data"]
     assert ray.data.DataContext.get_current().checkpoint_config is None  # the job's settings do not outlive it
     on_ray = load_corpus(tmp_path / "ray")
     assert on_ray.ids == single.ids
@@ -50,8 +50,8 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
         encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, prompt="prompteol")
 
     # Data files with no checkpoint beside them (a run Ray could not checkpoint) are redone, not doubled.
-    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
-    (tmp_path / "ray" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    manifest = json.loads((tmp_path / "ray" / "_manifest.json").read_text())
+    (tmp_path / "ray" / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     redone = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
     assert redone["rows"] == 21 and load_corpus(tmp_path / "ray").ids == single.ids
 
