@@ -107,7 +107,7 @@ def _encode_to_directory(model: str, args) -> int:
         model, args.input, args.output, devices=args.devices or args.device, dtype=args.dtype, prompt=args.prompt,
         shard_size=args.shard_size, text_field=args.text_field, id_field=args.id_field, overwrite=args.overwrite,
         format=args.format, batch_size=args.batch_size, max_length=args.max_length, rw_source=args.rw_source,
-        skip_empty=args.skip_empty,
+        skip_empty=args.skip_empty, quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
     )
     return _report_job(run_corpus_job(job, model, devices, progress=True), job.output_dir, job.done_rows())
 
@@ -127,9 +127,26 @@ def _encode_on_ray(model: str, args) -> int:
     stats = encode_corpus_ray(
         model, args.input, args.output, prompt=args.prompt, shard_size=args.shard_size, text_field=args.text_field,
         id_field=args.id_field, overwrite=args.overwrite, batch_size=args.batch_size, max_length=args.max_length,
-        rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address,
+        rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address, num_cpus=args.ray_cpus_per_actor,
+        quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
     )
     return _report_job(stats, args.output, stats["rows"])
+
+
+def cmd_verify(args) -> int:
+    """Check a corpus directory's manifest and every shard against it; 1 if anything is wrong."""
+    from .corpus import verify_corpus
+    from .corpus.job import load_manifest
+
+    problems = verify_corpus(args.directory)
+    for problem in problems:
+        print(f"moee verify: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    manifest = load_manifest(args.directory)
+    rows = sum(entry["rows"] for entry in manifest["shards"])
+    print(f"{args.directory}: {len(manifest['shards'])} shards, {rows} rows, every shard matches its manifest entry")
+    return 0
 
 
 def _report_job(stats: dict, output: str, rows: int) -> int:
@@ -228,6 +245,17 @@ def _add_encode_arguments(encode: argparse.ArgumentParser) -> None:
     encode.add_argument("--devices", help="one worker per device: cuda:0,cuda:1, all, or cpu,cpu (threads split between them)")
     encode.add_argument("--engine", choices=("local", "ray"), default="local", help="ray: read, encode and write on Ray Data")
     encode.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    encode.add_argument("--ray-cpus-per-actor", type=float,
+                        help="CPUs each Ray encoder actor asks for (default: 1 where one more stays free for the checkpoint "
+                        "filter of a resumed job, else what is left: 0.5 on a 2-CPU machine)")
+    encode.add_argument("--quoting", choices=("csv", "none"), default="csv",
+                        help="csv: .csv/.tsv fields follow the csv module (quotes group, \"\" escapes; a stray quote is an "
+                        "error); none: raw fields split at the delimiter, quotes kept (default: %(default)s)")
+    encode.add_argument("--duplicate-ids", choices=("warn", "error"), default="warn",
+                        help="what a repeated --id-field value does (default: %(default)s)")
+    encode.add_argument("--hash-weights", choices=("headers", "full"), default="headers",
+                        help="how a corpus job fingerprints the model: file sizes and safetensors headers, or a "
+                        "SHA-256 of every byte (default: %(default)s)")
 
 
 def _positive_int(text: str) -> int:
@@ -268,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results there")
     _add_model_arguments(evaluation)
     evaluation.set_defaults(func=cmd_mteb)
+
+    verify = commands.add_parser("verify", help="check a corpus directory: manifest, every shard's size, SHA-256, rows and shape")
+    verify.add_argument("directory")
+    verify.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    verify.set_defaults(func=cmd_verify)
 
     from .serve.cli import add_serve_command
 
