@@ -23,13 +23,9 @@ from conftest import random_texts
 
 
 @pytest.fixture(scope="module")
-def olmoe(checkpoint):
-    return checkpoint("olmoe")
-
-
-@pytest.fixture(scope="module")
-def encoder(olmoe):
-    return MoEEncoder.from_pretrained(olmoe, device="cpu")
+def encoder(checkpoint):
+    """A tiny OLMoE; its checkpoint directory is `encoder.name`."""
+    return MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu")
 
 
 def source(tmp_path, n=9, seed=1):
@@ -125,7 +121,7 @@ def test_two_simultaneous_jobs_one_runs_one_is_refused(tmp_path, encoder):
         assert load_corpus(out).manifest["prompt"] == (ran[0] or "")
 
 
-def test_a_dead_jobs_lock_is_released(tmp_path, olmoe, encoder):
+def test_a_dead_jobs_lock_is_released(tmp_path, encoder):
     paths, out = source(tmp_path), tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
@@ -166,9 +162,9 @@ def test_a_rerun_encodes_a_damaged_or_missing_shard_again(tmp_path, encoder):
     assert same(again, whole) and again.manifest["last_run"]["rows"] == 6 and verify_corpus(out) == []
 
 
-def test_changed_weights_and_batch_size_refuse_to_resume(tmp_path, olmoe, encoder):
+def test_changed_weights_and_batch_size_refuse_to_resume(tmp_path, encoder):
     model = tmp_path / "model"
-    shutil.copytree(olmoe, model)
+    shutil.copytree(encoder.name, model)
     paths, out = source(tmp_path), tmp_path / "out"
     encode_corpus(str(model), paths, out, shard_size=4, progress=False)
     with pytest.raises(ValueError, match="different batch_size \\(None, now 2\\)"):
