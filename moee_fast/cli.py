@@ -46,6 +46,9 @@ def _check_encode_args(args) -> None:
                          "give --output a directory, not a .safetensors file")
     if args.engine == "ray" and args.devices:
         raise UsageError("moee encode: --engine ray places work through Ray; leave out --devices")
+    if args.output.lower().endswith(".parquet") or not args.output.strip():
+        raise UsageError(f"moee encode: --output {args.output!r}: give a .safetensors file or a directory "
+                         "(with --format parquet, a directory of part-*.parquet files that reads as one dataset)")
 
 
 def cmd_encode(args) -> int:
@@ -109,7 +112,8 @@ def _encode_to_directory(model: str, args) -> int:
         format=args.format, batch_size=args.batch_size, max_length=args.max_length, rw_source=args.rw_source,
         skip_empty=args.skip_empty, quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
     )
-    return _report_job(run_corpus_job(job, model, devices, progress=True), job.output_dir, job.done_rows())
+    stats = run_corpus_job(job, model, devices, progress=True)
+    return _report_job(stats, job.output_dir, sum(entry["rows"] for entry in job.manifest["shards"]))
 
 
 def _refuse_quantize_for_jobs(args) -> None:
@@ -152,8 +156,11 @@ def cmd_verify(args) -> int:
 def _report_job(stats: dict, output: str, rows: int) -> int:
     seconds = max(stats["seconds"], 1e-9)
     tokens = f", {stats['tokens'] / seconds:.0f} tokens/s" if stats["tokens"] else ""  # Ray does not count them
+    skipped = stats.get("skipped", 0)
+    encoded = stats["rows"] - skipped
     print(
-        f"encoded {stats['rows']} rows in {seconds:.2f} s: {stats['rows'] / seconds:.1f} texts/s{tokens}\n"
+        f"encoded {encoded} rows{f' ({skipped} empty rows skipped)' if skipped else ''} in {seconds:.2f} s: "
+        f"{encoded / seconds:.1f} texts/s{tokens}\n"
         f"wrote {rows} rows to {output} (load_corpus reads them back)"
     )
     return 0

@@ -288,3 +288,26 @@ def test_shard_numbers_never_run_out_of_digits(tmp_path, encoder):
         (tmp_path / name).write_bytes(b"")
     ours, foreign = job_files(str(tmp_path), has_manifest=True, ray=False)
     assert ours == ["_manifest.json", "part-100000.parquet", "part-1234567.safetensors"] and foreign == ["part-0001.parquet"]
+
+
+def test_command_line_counts_and_outputs(tmp_path, encoder, capsys):
+    path = tmp_path / "in.txt"
+    path.write_text("first\n\nthird\n")
+    out = tmp_path / "out"
+    args = ["encode", "--model", encoder.name, "--input", str(path), "--output", str(out), "--skip-empty", "--shard-size", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "encoded 2 rows (1 empty rows skipped)" in printed and f"wrote 2 rows to {out}" in printed
+    assert main(args) == 0 and "encoded 0 rows in" in capsys.readouterr().out
+    for output in ("emb.parquet", ""):
+        assert main(["encode", "--input", str(path), "--output", str(tmp_path / output) if output else ""]) == 2
+        assert "give a .safetensors file or a directory" in capsys.readouterr().err
+    assert not (tmp_path / "emb.parquet").exists()
+    mode = (out / "part-00000.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -332,6 +332,7 @@ class CorpusJob:
             self.manifest["total_rows"] = total = readers.count_rows(self.paths)
             self.save_manifest()
             done, start, tokens = self.done_rows(), time.perf_counter(), 0
+            skipped_before = sum(len(e.get("skipped", ())) for e in self.manifest["shards"])
             show = progress if progress is not None else _stderr_is_tty()
             bar = tqdm(total=total, initial=done, unit="text", desc="encode", disable=not show, dynamic_ncols=True)
             shown: dict[int, int] = {}  # rows of each unfinished shard already on the bar
@@ -355,7 +356,9 @@ class CorpusJob:
                 executor.close()
             self.manifest["total_rows"] = self.done_rows()
             self.manifest["complete"] = True
-            self.manifest["last_run"] = {"rows": self.done_rows() - done, "tokens": tokens, "seconds": round(time.perf_counter() - start, 3)}
+            skipped = sum(len(e.get("skipped", ())) for e in self.manifest["shards"])
+            self.manifest["last_run"] = {"rows": self.done_rows() - done, "skipped": skipped - skipped_before, "tokens": tokens,
+                                         "seconds": round(time.perf_counter() - start, 3)}
             self.save_manifest()
             return self.manifest["last_run"]
         finally:

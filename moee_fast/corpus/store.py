@@ -6,6 +6,7 @@ memory-mapped, parquet column by column) so no more than one shard's files are o
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import torch
@@ -32,8 +33,15 @@ def write_shard(path: str, ids: list, hs: torch.Tensor, rw: torch.Tensor) -> dic
 
             id_bytes = torch.frombuffer(bytearray(json.dumps(ids).encode("utf-8")), dtype=torch.uint8)
             save_file({"hs": hs.contiguous(), "rw": rw.contiguous(), "ids": id_bytes}, tmp, {"format": "moee-fast-shard/1"})
+            _user_mode(tmp)  # safetensors renames its own 0600 temp file onto ours
         record = shard_record(tmp)
     return record
+
+
+def _user_mode(path: str) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def read_shard_ids(path: str, rows: int) -> list:
