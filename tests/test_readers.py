@@ -163,3 +163,11 @@ def test_a_broken_gzip_file_is_named(tmp_path):
     path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
     with pytest.raises(ValueError, match="in.jsonl.gz: not readable"):
         rows_of([str(path)])
+
+
+def test_directories_are_not_inputs(tmp_path):
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "emb.txt").mkdir()  # an output directory the pattern also matches
+    assert expand_inputs([str(tmp_path / "*.txt")]) == [str(tmp_path / "a.txt")]
+    with pytest.raises(ValueError, match="emb.txt: a directory, not an input file; give its files or a pattern"):
+        expand_inputs([str(tmp_path / "emb.txt")])

@@ -75,11 +75,13 @@ def expand_inputs(inputs) -> list[str]:
         item = os.fspath(item)
         if item == STDIN or not glob.has_magic(item):
             matches = [item]
-        else:
-            matches = sorted(glob.glob(item))
+        else:  # a pattern's folders (an output directory beside the inputs, say) are not inputs
+            matches = sorted(p for p in glob.glob(item) if not os.path.isdir(p))
             if not matches:
                 raise FileNotFoundError(f"{item}: no file matches this pattern")
         for path in matches:
+            if path != STDIN and os.path.isdir(path):
+                raise ValueError(f"{path}: a directory, not an input file; give its files or a pattern such as {os.path.join(path, '*.jsonl')}")
             if path != STDIN and not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no such input file")
             input_format(path)
