@@ -311,3 +311,10 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_empty_job_has_the_models_shape(tmp_path, encoder):
+    (tmp_path / "empty.txt").write_text("")
+    corpus = encode_corpus(encoder, [str(tmp_path / "empty.txt")], tmp_path / "out", progress=False)
+    assert len(corpus) == 0 and corpus.hs.shape == (0, 64) and corpus.rw.shape == (0, 3, 8)
+    assert corpus.manifest["total_rows"] == 0 and verify_corpus(tmp_path / "out") == []

@@ -105,7 +105,10 @@ class SlowLoggedEncoder(moee_ray.MoEEBatchEncoder):
 
 moee_ray.MoEEBatchEncoder = SlowLoggedEncoder
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-moee_ray.encode_corpus_ray(model, paths, out, shard_size=2, num_cpus=0.5)
+# As `moee encode --engine ray` runs it on a 2-CPU machine, actors sized by default: the resumed
+# run's checkpoint filter (1 CPU) must still find room.
+from moee_fast.cli import main
+sys.exit(main(["encode", "--engine", "ray", "--model", model, "--input", *paths, "--output", out, "--shard-size", "2"]))
 """
 
 
@@ -186,3 +189,22 @@ def test_killed_ray_job_resumes_from_its_checkpoint(tmp_path, checkpoint):
     assert torch.allclose(resumed.hs, single.hs, rtol=1e-5, atol=1e-6) and torch.allclose(resumed.rw, single.rw, rtol=1e-5, atol=1e-6)
     assert resumed.manifest["last_run"]["rows"] == len(texts) - len(kept)
     assert not (out / "checkpoint").exists()
+
+
+def test_ray_engine_refuses_a_users_files_and_reports_errors_in_one_line(tmp_path, checkpoint, local_ray, capsys):
+    from moee_fast.cli import main
+
+    source = tmp_path / "in.txt"
+    source.write_text("first\n\nthird\n")
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "important.csv").write_text("mine")
+    base = ["encode", "--engine", "ray", "--model", checkpoint("olmoe", bos=False), "--input", str(source)]
+    assert main(base + ["--output", str(out)]) == 1
+    assert "holds 'data/', which no corpus job wrote" in capsys.readouterr().err
+    assert (out / "data" / "important.csv").read_text() == "mine"
+    assert main(base + ["--output", str(tmp_path / "fresh")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("moee:")]  # Ray logs its progress too
+    assert len(errors) == 1 and f"{source}:2" in errors[0] and "empty" in errors[0] and len(errors[0]) < 400, err[-3000:]
+    assert "\x1b[" not in errors[0] and "Traceback" not in err

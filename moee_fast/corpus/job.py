@@ -355,6 +355,7 @@ class CorpusJob:
                 bar.close()
                 executor.close()
             self.manifest["total_rows"] = self.done_rows()
+            self.manifest["shape"] = self.manifest["shape"] or _model_shape(getattr(executor, "encoder", None))
             self.manifest["complete"] = True
             skipped = sum(len(e.get("skipped", ())) for e in self.manifest["shards"])
             self.manifest["last_run"] = {"rows": self.done_rows() - done, "skipped": skipped - skipped_before, "tokens": tokens,
@@ -408,6 +409,14 @@ def remove_files(directory: str, names: list[str]) -> None:
             os.rmdir(os.path.join(directory, folder))
         except OSError:
             pass  # not empty: it holds something else
+
+
+def _model_shape(encoder) -> list[int] | None:
+    """[H, L, E] of a loaded encoder, so a job with no rows still loads as [0, H] and [0, L, E]."""
+    try:
+        return [int(encoder.model.config.hidden_size), int(encoder.num_moe_layers), int(encoder.num_experts)]
+    except (AttributeError, TypeError):
+        return None
 
 
 def _results(executor, shards):
