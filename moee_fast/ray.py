@@ -166,13 +166,33 @@ def _actor_cpus(concurrency: int, num_cpus: float | None) -> float:
 
 
 def _plain_error(exc: BaseException) -> BaseException:
-    """The exception a Ray task raised, with Ray's wrapping, traceback and colours taken off."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[-1] if lines else type(exc).__name__
-    return (ValueError if isinstance(exc, (ValueError, TypeError)) else RuntimeError)(line)
+    """The exception a Ray task raised, as its own one line: Ray wraps it (RayTaskError,
+    UserCodeException) with the worker's coloured traceback in the text, the original last."""
+    texts = []
+    while exc is not None and len(texts) < 8:
+        texts.append(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
+        if not isinstance(exc, _ray_errors()):
+            break
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    raised = [m for text in texts for m in _RAISED.finditer(text) if m.group(1) not in _WRAPPERS]
+    if raised:
+        kind, message = raised[-1].group(1), raised[-1].group(2).strip()
+        return ValueError(message) if kind in ("ValueError", "TypeError") else RuntimeError(f"{kind}: {message}")
+    if exc is not None and not isinstance(exc, _ray_errors()):
+        return exc
+    lines = [line.strip() for line in texts[-1].splitlines() if line.strip()]
+    return RuntimeError(lines[0] if lines else "the Ray job failed")
+
+
+# "ValueError: in.txt:2 is empty ..." as a traceback's last line shows it.
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
+_WRAPPERS = ("RayTaskError", "UserCodeException", "RayError", "RayActorError")
+
+
+def _ray_errors() -> tuple[type, ...]:
+    import ray.exceptions
+
+    return (ray.exceptions.RayError,)
 
 
 def _run_on_ray(job: CorpusJob, model: str, ray_address, concurrency: int, num_gpus: float, num_cpus) -> dict:
