@@ -64,12 +64,12 @@ class MoEEBatchEncoder:
         return embedding_table(table, out.hs, out.rw)
 
 
-def _rows_datasource(paths: list[str], text_field: str, id_field: str | None, quoting: str):
+def _rows_datasource(paths: list[str], text_field: str, id_field: str | None, quoting: str, fingerprints: list[dict]):
     from ray.data import Datasource
 
     class Rows(Datasource):
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _read_tasks(paths, text_field, id_field, quoting)
+            return _read_tasks(paths, text_field, id_field, quoting, fingerprints)
 
         def estimate_inmemory_data_size(self):
             return None
@@ -101,9 +101,10 @@ def _written_shards(output_dir: str) -> dict:
     return {"shards": shards, "shape": shape, "sort_by_row": keys != sorted(keys), "total_rows": len(keys)}
 
 
-def _read_tasks(paths: list[str], text_field: str, id_field: str | None, quoting: str):
+def _read_tasks(paths: list[str], text_field: str, id_field: str | None, quoting: str, fingerprints: list[dict]):
     """One Ray read task per input file, each reading it with moee-fast's own reader (same rows
-    and ids as the local job), in blocks of 4,096 rows."""
+    and ids as the local job; a file that changed since the job started is refused), in blocks
+    of 4,096 rows."""
     from ray.data import ReadTask
     from ray.data.block import BlockMetadata
 
@@ -111,7 +112,8 @@ def _read_tasks(paths: list[str], text_field: str, id_field: str | None, quoting
         import pyarrow as pa
 
         block: dict[str, list] = {"id": [], "text": [], "row": []}
-        for number, row in enumerate(readers.read_rows([path], text_field, id_field, quoting)):
+        rows = readers.read_rows([path], text_field, id_field, quoting, fingerprints=[fingerprints[file_index]])
+        for number, row in enumerate(rows):
             block["id"].append(row.id)
             block["text"].append(row.text)
             block["row"].append((file_index << _ROW_BITS) | number)
@@ -211,8 +213,8 @@ def _run_on_ray(job: CorpusJob, model: str, ray_address, concurrency: int, num_g
     with _job_context(output_dir) as ray_data:
         job.save_manifest()
         earlier = set(_data_files(output_dir))
-        ds = ray_data.read_datasource(_rows_datasource(job.paths, text_field, id_field, options["quoting"]),
-                                      ray_remote_args=_IO_TASK_ARGS)
+        rows = _rows_datasource(job.paths, text_field, id_field, options["quoting"], job.spec["inputs"])
+        ds = ray_data.read_datasource(rows, ray_remote_args=_IO_TASK_ARGS)
         ds = ds.map_batches(
             MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
             num_gpus=num_gpus or None, num_cpus=num_cpus,

@@ -198,19 +198,23 @@ class CorpusJob:
         for path in self.paths:
             if path != readers.STDIN and os.path.realpath(path).startswith(os.path.realpath(out) + os.sep):
                 raise ValueError(f"{path}: an input lies inside the output directory {out}")
-        created = not os.path.isdir(out)
-        if created:
+        created = False
+        if not os.path.isdir(out):
             check_writable_dir(os.path.dirname(os.path.abspath(out)), out)
-            os.makedirs(out)
+            try:
+                os.makedirs(out)
+                created = True
+            except FileExistsError:  # another job made it just now; the lock decides
+                pass
         check_writable_dir(out, out)
         self.lock = DirectoryLock(out)
         try:
             return self._claim(overwrite)
         except BaseException:
-            self.close()
-            if created and os.listdir(out) == [LOCK]:
+            if created and os.listdir(out) == [LOCK]:  # removed while still held: no job can have it
                 os.unlink(os.path.join(out, LOCK))
                 os.rmdir(out)
+            self.close()
             raise
 
     def _claim(self, overwrite: bool) -> dict:
