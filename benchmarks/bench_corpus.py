@@ -36,7 +36,7 @@ def write_texts(path: str, n: int, seed: int = 0) -> None:
 
 def throughput(n: int, rounds: int, shard_size: int) -> dict:
     load_average = os.getloadavg()[0]
-    from moee_fast import MoEEncoder, encode_corpus
+    from moee_fast import MoEEncoder, encode_corpus, load_corpus
     from moee_fast.demo import demo_checkpoint
 
     encoder = MoEEncoder.from_pretrained(demo_checkpoint(), device="cpu")
@@ -54,9 +54,17 @@ def throughput(n: int, rounds: int, shard_size: int) -> dict:
             start = time.perf_counter()
             encode_corpus(encoder, [source], os.path.join(tmp, f"out{r}"), shard_size=shard_size, progress=False)
             times["encode_corpus"].append(time.perf_counter() - start)
+        loading = {"load_corpus, SHA-256 checked": [], "load_corpus(verify=False)": []}
+        for _ in range(rounds):  # this thread's CPU time: what the checksums cost, whatever else runs
+            for name, verify in zip(loading, (True, False)):
+                start = time.thread_time()
+                corpus = load_corpus(os.path.join(tmp, "out0"), verify=verify)
+                corpus.hs, corpus.rw
+                loading[name].append(time.thread_time() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {"texts": n, "rounds": rounds, "shard_size": shard_size, "seconds": medians, "all_seconds": times,
-            "ratio": medians["encode"] / medians["encode_corpus"], "load_average": load_average}
+            "ratio": medians["encode"] / medians["encode_corpus"], "load_average": load_average,
+            "load_cpu_seconds": {k: statistics.median(v) for k, v in loading.items()}}
 
 
 def peak_child(n: int, shard_size: int) -> None:
@@ -103,6 +111,12 @@ def report(result: dict, sizes: list[dict]) -> str:
         "",
         f"encode_corpus runs at **{100 * result['ratio']:.0f}%** of in-process encode's throughput "
         f"(all rounds: {json.dumps({k: [round(x, 2) for x in v] for k, v in result['all_seconds'].items()})}).",
+        "",
+        "## Opening the result (`hs` and `rw` read), this thread's CPU seconds, medians",
+        "",
+        "| how | CPU s |",
+        "|---|---|",
+        *[f"| {name} | {seconds:.3f} |" for name, seconds in result["load_cpu_seconds"].items()],
         "",
         "## Peak resident memory of a whole `encode_corpus` process (imports and model included)",
         "",

@@ -49,6 +49,9 @@ def _check_encode_args(args) -> None:
                          "give --output a directory, not a .safetensors file")
     if args.engine == "ray" and args.devices:
         raise UsageError("moee encode: --engine ray places work through Ray; leave out --devices")
+    if args.output.lower().endswith(".parquet") or not args.output.strip():
+        raise UsageError(f"moee encode: --output {args.output!r}: give a .safetensors file or a directory "
+                         "(with --format parquet, a directory of part-*.parquet files that reads as one dataset)")
 
 
 def cmd_encode(args) -> int:
@@ -115,9 +118,10 @@ def _encode_to_directory(model: str, args) -> int:
         model, args.input, args.output, devices=args.devices or args.device, dtype=args.dtype, prompt=args.prompt,
         shard_size=args.shard_size, text_field=args.text_field, id_field=args.id_field, overwrite=args.overwrite,
         format=args.format, batch_size=args.batch_size, max_length=args.max_length, rw_source=args.rw_source,
-        skip_empty=args.skip_empty,
+        skip_empty=args.skip_empty, quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
     )
-    return _report_job(run_corpus_job(job, model, devices, progress=True), job.output_dir, job.done_rows())
+    stats = run_corpus_job(job, model, devices, progress=True)
+    return _report_job(stats, job.output_dir, sum(entry["rows"] for entry in job.manifest["shards"]))
 
 
 def _refuse_quantize_for_jobs(args) -> None:
@@ -135,16 +139,36 @@ def _encode_on_ray(model: str, args) -> int:
     stats = encode_corpus_ray(
         model, args.input, args.output, prompt=args.prompt, shard_size=args.shard_size, text_field=args.text_field,
         id_field=args.id_field, overwrite=args.overwrite, batch_size=args.batch_size, max_length=args.max_length,
-        rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address,
+        rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address, num_cpus=args.ray_cpus_per_actor,
+        quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
     )
     return _report_job(stats, args.output, stats["rows"])
+
+
+def cmd_verify(args) -> int:
+    """Check a corpus directory's manifest and every shard against it; 1 if anything is wrong."""
+    from .corpus import verify_corpus
+    from .corpus.job import load_manifest
+
+    problems = verify_corpus(args.directory)
+    for problem in problems:
+        print(f"moee verify: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    manifest = load_manifest(args.directory)
+    rows = sum(entry["rows"] for entry in manifest["shards"])
+    print(f"{args.directory}: {len(manifest['shards'])} shards, {rows} rows, every shard matches its manifest entry")
+    return 0
 
 
 def _report_job(stats: dict, output: str, rows: int) -> int:
     seconds = max(stats["seconds"], 1e-9)
     tokens = f", {stats['tokens'] / seconds:.0f} tokens/s" if stats["tokens"] else ""  # Ray does not count them
+    skipped = stats.get("skipped", 0)
+    encoded = stats["rows"] - skipped
     print(
-        f"encoded {stats['rows']} rows in {seconds:.2f} s: {stats['rows'] / seconds:.1f} texts/s{tokens}\n"
+        f"encoded {encoded} rows{f' ({skipped} empty rows skipped)' if skipped else ''} in {seconds:.2f} s: "
+        f"{encoded / seconds:.1f} texts/s{tokens}\n"
         f"wrote {rows} rows to {output} (load_corpus reads them back)"
     )
     return 0
@@ -237,6 +261,17 @@ def _add_encode_arguments(encode: argparse.ArgumentParser) -> None:
     encode.add_argument("--engine", choices=("local", "ray", "vllm"), default="local",
                         help="ray: read, encode and write on Ray Data; vllm: run the model in vLLM (needs vllm)")
     encode.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    encode.add_argument("--ray-cpus-per-actor", type=float,
+                        help="CPUs each Ray encoder actor asks for (default: 1 where one more stays free for the checkpoint "
+                        "filter of a resumed job, else what is left: 0.5 on a 2-CPU machine)")
+    encode.add_argument("--quoting", choices=("csv", "none"), default="csv",
+                        help="csv: .csv/.tsv fields follow the csv module (quotes group, \"\" escapes; a stray quote is an "
+                        "error); none: raw fields split at the delimiter, quotes kept (default: %(default)s)")
+    encode.add_argument("--duplicate-ids", choices=("warn", "error"), default="warn",
+                        help="what a repeated --id-field value does (default: %(default)s)")
+    encode.add_argument("--hash-weights", choices=("headers", "full"), default="headers",
+                        help="how a corpus job fingerprints the model: file sizes and safetensors headers, or a "
+                        "SHA-256 of every byte (default: %(default)s)")
 
 
 def _positive_int(text: str) -> int:
@@ -277,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results there")
     _add_model_arguments(evaluation)
     evaluation.set_defaults(func=cmd_mteb)
+
+    verify = commands.add_parser("verify", help="check a corpus directory: manifest, every shard's size, SHA-256, rows and shape")
+    verify.add_argument("directory")
+    verify.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    verify.set_defaults(func=cmd_verify)
 
     from .serve.cli import add_serve_command
 

@@ -145,7 +145,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(demo_cache, tmp_path, capsys, monk
     assert code == 130 and line == "moee: interrupted after 0 of 2 rows; run the same command again to resume"
     with pytest.raises(KeyboardInterrupt):
         main(["encode", "--input", str(source), "--output", str(tmp_path / "o.safetensors"), "--debug"])
-    assert sorted(os.listdir(tmp_path)) == ["dir", "in.txt"] and os.listdir(tmp_path / "dir") == ["manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == ["dir", "in.txt"] and sorted(os.listdir(tmp_path / "dir")) == ["_lock", "_manifest.json"]
 
 
 def test_unexpected_errors_show_a_traceback_only_with_debug(demo_cache, tmp_path, capsys, monkeypatch):

@@ -57,7 +57,7 @@ def test_corpus_equals_each_text_alone_in_input_order(tmp_path, olmoe, encoder):
     assert relative_error(corpus.hs, hs).max() <= 1e-5 and relative_error(corpus.rw, rw).max() <= 1e-5
     expected_ids = [f"{paths[0]}:{n}" for n in range(1, 8)] + [f"{paths[1]}:{n}" for n in range(1, 8)]
     assert corpus.ids == expected_ids + [f"{paths[2]}:{n}" for n in range(1, 10)]
-    assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json"] + [f"part-{i:05d}.safetensors" for i in range(5)]
+    assert sorted(os.listdir(tmp_path / "out")) == ["_lock", "_manifest.json"] + [f"part-{i:05d}.safetensors" for i in range(5)]
     shards = list(corpus)
     assert [len(ids) for ids, _ in shards] == [5, 5, 5, 5, 3]
     assert torch.equal(shards[1][1].hs, corpus.hs[5:10])
@@ -84,7 +84,10 @@ class InterruptAfter:
     """An encoder that presses Ctrl-C on its n-th call."""
 
     def __init__(self, encoder, calls):
-        self.encoder, self.calls, self.name, self.model = encoder, calls, encoder.name, encoder.model
+        self.encoder, self.calls = encoder, calls
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
 
     def encode(self, *args, **kwargs):
         self.calls -= 1
@@ -140,7 +143,7 @@ def run_job(olmoe, source, out, kill_after_shards=None, rng=None):
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()
         return
-    manifest = out / "manifest.json"
+    manifest = out / "_manifest.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -230,10 +233,10 @@ def test_damaged_shards_are_named(tmp_path, encoder):
     encode_corpus(encoder, paths, tmp_path / "out", shard_size=3, progress=False)
     shard = tmp_path / "out" / "part-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(ValueError, match="part-00001.safetensors: .*truncated"):
+    with pytest.raises(ValueError, match="part-00001.safetensors: 100 bytes where the manifest recorded"):
         load_corpus(tmp_path / "out")
-    (tmp_path / "out" / "manifest.json").write_text("{")
-    with pytest.raises(ValueError, match="manifest.json: not a readable manifest"):
+    (tmp_path / "out" / "_manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="_manifest.json: not a readable manifest"):
         load_corpus(tmp_path / "out")
 
 
@@ -312,7 +315,7 @@ def test_a_killed_worker_loses_at_most_its_shard(tmp_path, olmoe, monkeypatch):
     written = settled_shards(tmp_path / "one")
     os.kill(one.workers[0], signal.SIGSTOP)  # it takes shards from here on but encodes none
     one.resume.set()
-    wait_for(lambda: len(json.loads((tmp_path / "one" / "manifest.json").read_text())["shards"]) >= 6)
+    wait_for(lambda: len(json.loads((tmp_path / "one" / "_manifest.json").read_text())["shards"]) >= 6)
     os.kill(one.workers[0], signal.SIGKILL)  # holding shards it never started
     finished = one.finish()
     assert "error" not in finished, finished  # the other worker took the dead one's shards
@@ -332,3 +335,79 @@ def test_a_killed_worker_loses_at_most_its_shard(tmp_path, olmoe, monkeypatch):
     rerun = encode_corpus(olmoe, [str(source)], tmp_path / "both", **job)
     assert_same_corpus(rerun, whole)
     assert rerun.manifest["last_run"]["rows"] == 24 - 2 * len(kept)
+
+
+POOLED_JOB = """
+import sys
+from moee_fast import encode_corpus
+encode_corpus(sys.argv[1], [sys.argv[2]], sys.argv[3], shard_size=2, devices="cpu,cpu", progress=False)
+"""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or [None, None])[1] == str(pid)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_their_parent(tmp_path, olmoe):
+    """kill -9 of a --devices cpu,cpu job takes its workers with it (they would write shards no
+    manifest lists); the rerun finishes without leaked-semaphore warnings."""
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(random_texts(40, seed=12, max_words=30)) + "\n")
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-c", POOLED_JOB, olmoe, str(source), str(out)], stderr=subprocess.PIPE)
+    wait_for(lambda: (out / "_manifest.json").exists() and json.loads((out / "_manifest.json").read_text())["shards"])
+    workers = children_of(job.pid)
+    assert len(workers) >= 2
+    job.kill()
+    job.communicate()
+    wait_for(lambda: all(_stat(p) is None or _stat(p)[0] == "Z" for p in workers), seconds=30)
+    rerun = subprocess.run([sys.executable, "-c", POOLED_JOB, olmoe, str(source), str(out)], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "leaked" not in rerun.stderr and len(load_corpus(out)) == 40
+
+
+def test_stdin_jobs_resume_and_refuse_another_stream(tmp_path, encoder, monkeypatch):
+    import io
+
+    texts = random_texts(10, seed=13, max_words=20)
+
+    def stdin(lines):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(("\n".join(lines) + "\n").encode())))
+
+    stdin(texts)
+    whole = encode_corpus(encoder, "-", tmp_path / "whole", shard_size=3, progress=False)
+    stdin(texts)
+    with pytest.raises(CorpusInterrupted, match="interrupted after 6 rows; run the same command again to resume"):
+        encode_corpus(InterruptAfter(encoder, 2), "-", tmp_path / "out", shard_size=3, progress=False)
+    stdin(texts[:4] + ["another text"] + texts[5:])
+    with pytest.raises(ValueError, match="rows 4-6 of stdin differ from those part-00001.safetensors was encoded from"):
+        encode_corpus(encoder, "-", tmp_path / "out", shard_size=3, progress=False)
+    stdin(texts)
+    assert_same_corpus(encode_corpus(encoder, "-", tmp_path / "out", shard_size=3, progress=False), whole)
+
+
+def test_the_progress_bar_moves_within_a_shard(tmp_path, encoder, monkeypatch):
+    from moee_fast.corpus import job as corpus_job
+    from moee_fast.corpus.job import Shard, encode_shard
+    from moee_fast.corpus.store import read_shard
+
+    texts = random_texts(5, seed=14, max_words=20)
+    shard = Shard(0, 0, 5, ids=[str(i) for i in range(5)], texts=texts, wheres=[f"w:{i}" for i in range(5)])
+    options = {"batch_size": None, "prompt": None, "max_length": None, "rw_source": "scores"}
+    monkeypatch.setattr(corpus_job, "PROGRESS_STEP", 2)
+    steps = []
+    result = encode_shard(encoder, shard, options, str(tmp_path), "safetensors", steps.append)
+    assert steps == [2, 2, 1] and result.entry["rows"] == 5
+    alone = encoder.encode(texts)
+    ids, hs, rw = read_shard(str(tmp_path / "part-00000.safetensors"), result.shape, 5)
+    assert relative_error(torch.from_numpy(hs.copy()), alone.hs).max() <= 1e-5

@@ -39,7 +39,7 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
         warnings.simplefilter("always")
         stats = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
     assert not [w for w in caught if "checkpoint" in str(w.message).lower()]  # Ray kept checkpointing on
-    assert stats["rows"] == 21 and sorted(os.listdir(tmp_path / "ray")) == ["data", "manifest.json"]
+    assert stats["rows"] == 21 and sorted(os.listdir(tmp_path / "ray")) == ["_lock", "_manifest.json", "data"]
     assert ray.data.DataContext.get_current().checkpoint_config is None  # the job's settings do not outlive it
     on_ray = load_corpus(tmp_path / "ray")
     assert on_ray.ids == single.ids
@@ -50,8 +50,8 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
         encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, prompt="prompteol")
 
     # Data files with no checkpoint beside them (a run Ray could not checkpoint) are redone, not doubled.
-    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
-    (tmp_path / "ray" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    manifest = json.loads((tmp_path / "ray" / "_manifest.json").read_text())
+    (tmp_path / "ray" / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     redone = encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5)
     assert redone["rows"] == 21 and load_corpus(tmp_path / "ray").ids == single.ids
 
@@ -105,7 +105,10 @@ class SlowLoggedEncoder(moee_ray.MoEEBatchEncoder):
 
 moee_ray.MoEEBatchEncoder = SlowLoggedEncoder
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-moee_ray.encode_corpus_ray(model, paths, out, shard_size=2, num_cpus=0.5)
+# As `moee encode --engine ray` runs it on a 2-CPU machine, actors sized by default: the resumed
+# run's checkpoint filter (1 CPU) must still find room.
+from moee_fast.cli import main
+sys.exit(main(["encode", "--engine", "ray", "--model", model, "--input", *paths, "--output", out, "--shard-size", "2"]))
 """
 
 
@@ -186,3 +189,22 @@ def test_killed_ray_job_resumes_from_its_checkpoint(tmp_path, checkpoint):
     assert torch.allclose(resumed.hs, single.hs, rtol=1e-5, atol=1e-6) and torch.allclose(resumed.rw, single.rw, rtol=1e-5, atol=1e-6)
     assert resumed.manifest["last_run"]["rows"] == len(texts) - len(kept)
     assert not (out / "checkpoint").exists()
+
+
+def test_ray_engine_refuses_a_users_files_and_reports_errors_in_one_line(tmp_path, checkpoint, local_ray, capsys):
+    from moee_fast.cli import main
+
+    source = tmp_path / "in.txt"
+    source.write_text("first\n\nthird\n")
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "important.csv").write_text("mine")
+    base = ["encode", "--engine", "ray", "--model", checkpoint("olmoe", bos=False), "--input", str(source)]
+    assert main(base + ["--output", str(out)]) == 1
+    assert "holds 'data/', which no corpus job wrote" in capsys.readouterr().err
+    assert (out / "data" / "important.csv").read_text() == "mine"
+    assert main(base + ["--output", str(tmp_path / "fresh")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("moee:")]  # Ray logs its progress too
+    assert len(errors) == 1 and f"{source}:2" in errors[0] and "empty" in errors[0] and len(errors[0]) < 400, err[-3000:]
+    assert "\x1b[" not in errors[0] and "Traceback" not in err

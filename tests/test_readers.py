@@ -95,3 +95,79 @@ def test_errors_name_file_and_line(tmp_path):
         expand_inputs([str(tmp_path / "missing.txt")])
     with pytest.raises(FileNotFoundError, match=r"\*.parquet: no file matches"):
         expand_inputs([str(tmp_path / "*.parquet")])
+
+
+def test_csv_quoting_follows_the_csv_module_strictly(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text('id,text\n1,"a, quoted ""field""\nover two lines"\n2,plain\n')
+    assert rows_of([str(path)], id_field="id") == [("1", 'a, quoted "field"\nover two lines'), ("2", "plain")]
+    path.write_text('id,text\n1,"Quoted" at start\n')
+    with pytest.raises(ValueError, match="in.csv:2: ',' expected after '\"'"):
+        rows_of([str(path)])
+    path.write_text('id,text\n1,"never closed\n2,b\n3,c\n')
+    with pytest.raises(ValueError, match="in.csv:4: unexpected end of data"):
+        rows_of([str(path)])
+    raw = tmp_path / "raw.tsv"
+    raw.write_text('id\ttext\n1\t"Quoted" at start\n2\t"never closed\n')
+    assert rows_of([str(raw)], id_field="id", quoting="none") == [("1", '"Quoted" at start'), ("2", '"never closed')]
+    with pytest.raises(ValueError, match="quoting must be one of csv, none"):
+        rows_of([str(raw)], quoting="raw")
+
+
+def test_ids_keep_one_type_and_repeats_are_reported(tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"id": 1, "text": "a"}\n{"id": "1", "text": "b"}\n')
+    with pytest.raises(ValueError, match="mixed.jsonl:2: id '1' is a string, where .*mixed.jsonl:1 has an integer"):
+        rows_of([str(mixed)], id_field="id")
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text('{"id": 7, "text": "a"}\n{"id": 8, "text": "b"}\n{"id": 7, "text": "c"}\n')
+    with pytest.warns(UserWarning, match="repeated.jsonl:3: id '7' appeared before"):
+        assert [i for i, _ in rows_of([str(repeated)], id_field="id")] == ["7", "8", "7"]
+    with pytest.raises(ValueError, match="repeated.jsonl:3: id '7' appeared before \\(duplicate_ids='error'\\)"):
+        rows_of([str(repeated)], id_field="id", duplicate_ids="error")
+
+
+@pytest.mark.parametrize("name", ["in.txt", "in.jsonl.gz", "in.parquet"])
+def test_a_file_that_changes_while_read_is_refused(tmp_path, name):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moee_fast.corpus.readers import fingerprint
+
+    path = tmp_path / name
+
+    def write(texts):
+        if name.endswith(".parquet"):
+            pq.write_table(pa.table({"text": texts}), path)
+        elif name.endswith(".gz"):
+            path.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode()))
+        else:
+            path.write_text("".join(t + "\n" for t in texts))
+
+    write(["a", "b"])
+    taken = fingerprint(str(path))
+    assert [t for _, t in rows_of([str(path)], fingerprints=[taken])] == ["a", "b"]
+    rows = read_rows([str(path)], fingerprints=[taken])
+    assert next(rows).text == "a"
+    if name.endswith(".gz"):  # appended as a second gzip member, which gzip readers take as more data
+        with open(path, "ab") as f:
+            f.write(gzip.compress(b'{"text": "appended"}\n'))
+    else:
+        write(["a", "b", "appended"])  # while the job reads
+    with pytest.raises(ValueError, match=f"{name}: changed while the job read it"):
+        list(rows)
+
+
+def test_a_broken_gzip_file_is_named(tmp_path):
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
+    with pytest.raises(ValueError, match="in.jsonl.gz: not readable"):
+        rows_of([str(path)])
+
+
+def test_directories_are_not_inputs(tmp_path):
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "emb.txt").mkdir()  # an output directory the pattern also matches
+    assert expand_inputs([str(tmp_path / "*.txt")]) == [str(tmp_path / "a.txt")]
+    with pytest.raises(ValueError, match="emb.txt: a directory, not an input file; give its files or a pattern"):
+        expand_inputs([str(tmp_path / "emb.txt")])

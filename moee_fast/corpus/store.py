@@ -1,25 +1,30 @@
 """Shard files of a corpus job: `part-00000.safetensors` (hs, rw and the rows' ids) or
 `part-00000.parquet` (id, hs, rw columns as fixed-size lists of float32), each written
-atomically, and read back memory-mapped."""
+atomically and proved by its size and SHA-256, and read back one shard at a time (safetensors
+memory-mapped, parquet column by column) so no more than one shard's files are open."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import torch
 
 from ..files import atomic_path, read_safetensors
+from .integrity import shard_record
 
 SHARD_FORMATS = ("safetensors", "parquet")
 
 
 def shard_name(index: int, fmt: str) -> str:
+    """part-00000 ... part-99999, then as many digits as the number needs."""
     return f"part-{index:05d}.{fmt}"
 
 
-def write_shard(path: str, ids: list[str], hs: torch.Tensor, rw: torch.Tensor) -> None:
-    """Write one shard atomically (temporary file, fsync, rename)."""
+def write_shard(path: str, ids: list, hs: torch.Tensor, rw: torch.Tensor) -> dict:
+    """Write one shard atomically (temporary file, fsync, rename); returns its size and SHA-256,
+    taken from the file as written."""
     with atomic_path(path) as tmp:
         if path.endswith(".parquet"):
             _write_parquet(tmp, ids, hs, rw)
@@ -28,20 +33,56 @@ def write_shard(path: str, ids: list[str], hs: torch.Tensor, rw: torch.Tensor) -
 
             id_bytes = torch.frombuffer(bytearray(json.dumps(ids).encode("utf-8")), dtype=torch.uint8)
             save_file({"hs": hs.contiguous(), "rw": rw.contiguous(), "ids": id_bytes}, tmp, {"format": "moee-fast-shard/1"})
+            _user_mode(tmp)  # safetensors renames its own 0600 temp file onto ours
+        record = shard_record(tmp)
+    return record
 
 
-def read_shard(path: str, shape: tuple[int, int, int]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(ids, hs [n, H], rw [n, L, E]) of one shard; safetensors arrays are memory-mapped."""
+def _user_mode(path: str) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def read_shard_ids(path: str, rows: int) -> list:
+    """The ids of one shard (its arrays are not read), checked against the manifest's row count."""
     if path.endswith(".parquet"):
-        return _read_parquet(path, shape)
-    arrays, _ = read_safetensors(path, ("hs", "rw", "ids"))
+        import pyarrow.parquet as pq
+
+        try:
+            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"{path}: not a readable parquet shard ({exc})") from None
+    else:
+        ids = _safetensors_ids(path, read_safetensors(path, ("ids",))[0]["ids"])
+    if len(ids) != rows:
+        raise ValueError(f"{path}: {len(ids)} ids where the manifest recorded {rows} rows")
+    return ids
+
+
+def _safetensors_ids(path: str, array) -> list:
     try:
-        ids = json.loads(bytes(arrays["ids"]).decode("utf-8"))
+        ids = json.loads(bytes(array).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"{path}: its ids are not readable (corrupt shard)") from None
-    hs, rw = arrays["hs"], arrays["rw"]
-    if len(ids) != hs.shape[0] or hs.shape[0] != rw.shape[0] or (hs.shape[1], *rw.shape[1:]) != tuple(shape):
-        raise ValueError(f"{path}: shapes hs {hs.shape}, rw {rw.shape}, {len(ids)} ids do not match the manifest's {shape}")
+    if not isinstance(ids, list):
+        raise ValueError(f"{path}: its ids are not a list (corrupt shard)")
+    return ids
+
+
+def read_shard(path: str, shape: tuple[int, int, int], rows: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """(ids, hs [rows, H], rw [rows, L, E]) of one shard, float32, checked against the manifest's
+    shape and row count; safetensors arrays are memory-mapped."""
+    if path.endswith(".parquet"):
+        ids, hs, rw = _read_parquet(path, shape)
+    else:
+        arrays, _ = read_safetensors(path, ("hs", "rw", "ids"))
+        ids, hs, rw = _safetensors_ids(path, arrays["ids"]), arrays["hs"], arrays["rw"]
+    if hs.dtype != np.float32 or rw.dtype != np.float32:
+        raise ValueError(f"{path}: hs {hs.dtype}, rw {rw.dtype} where the manifest records float32")
+    if not (len(ids) == hs.shape[0] == rw.shape[0] == rows) or (hs.shape[1], *rw.shape[1:]) != tuple(shape):
+        raise ValueError(f"{path}: hs {tuple(hs.shape)}, rw {tuple(rw.shape)}, {len(ids)} ids do not match "
+                         f"the manifest's {rows} rows of {list(shape)}")
     return ids, hs, rw
 
 
@@ -66,6 +107,7 @@ def embedding_table(table, hs: torch.Tensor, rw: torch.Tensor):
 
 
 def _read_parquet(path: str, shape: tuple[int, int, int]):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -75,6 +117,10 @@ def _read_parquet(path: str, shape: tuple[int, int, int]):
     hidden, layers, experts = shape
 
     def column(name: str, width: int) -> np.ndarray:
+        kind = table.schema.field(name).type if name in table.column_names else None
+        if not (pa.types.is_fixed_size_list(kind) and kind.list_size == width and kind.value_type == pa.float32()):
+            raise ValueError(f"{path}: column {name!r} is {kind}, where the manifest's shape {list(shape)} "
+                             f"needs fixed_size_list<float>[{width}]")
         values = table.column(name).combine_chunks().flatten().to_numpy()
         return values.reshape(-1, width)
 

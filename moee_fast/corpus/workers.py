@@ -5,8 +5,11 @@ finished one."""
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
+import sys
+import threading
 import time
 
 import torch
@@ -40,9 +43,11 @@ class InProcess:
 
     def __init__(self, encoder, options: dict, output_dir: str, fmt: str):
         self.encoder, self.options, self.output_dir, self.format = encoder, options, output_dir, fmt
+        self.on_rows = None  # on_rows(shard index, texts encoded), set by the job for its progress bar
 
     def submit(self, shard: Shard):
-        yield encode_shard(self.encoder, shard, self.options, self.output_dir, self.format)
+        on_rows = (lambda n: self.on_rows(shard.index, n)) if self.on_rows else None
+        yield encode_shard(self.encoder, shard, self.options, self.output_dir, self.format, on_rows)
 
     def finish(self):
         return iter(())
@@ -51,7 +56,28 @@ class InProcess:
         pass
 
 
-def _worker(model: str, device: str, dtype, threads: int, options, output_dir, fmt, tasks, results) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux); elsewhere, and in case
+    the parent died already, a thread that exits when the parent is gone. A worker must never
+    outlive its job: it would write shards no manifest lists."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker(model: str, device: str, dtype, threads: int, options, output_dir, fmt, parent, tasks, results) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     torch.set_num_threads(threads)
     index = -1
@@ -61,7 +87,8 @@ def _worker(model: str, device: str, dtype, threads: int, options, output_dir, f
         encoder = MoEEncoder.from_pretrained(model, device=device, dtype=dtype)
         while (shard := tasks.get()) is not None:
             index = shard.index
-            results.put(encode_shard(encoder, shard, options, output_dir, fmt))
+            done = lambda n, i=shard.index: results.put((i, n))  # noqa: E731 - progress within the shard
+            results.put(encode_shard(encoder, shard, options, output_dir, fmt, done))
     except Exception as exc:  # reported to the parent, which raises it
         results.put(ShardResult(index, error=f"{exc}", error_type=type(exc).__name__))
 
@@ -97,9 +124,11 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")
         cpu_workers = sum(1 for d in devices if d.startswith("cpu")) or 1
         threads = max(1, torch.get_num_threads() // cpu_workers)
-        self.workers = [_Worker(context, d, (model, d, dtype, threads, options, output_dir, fmt)) for d in devices]
+        parent = os.getpid()
+        self.workers = [_Worker(context, d, (model, d, dtype, threads, options, output_dir, fmt, parent)) for d in devices]
         self.stopped: list[str] = []  # "device (exit code N)" of each worker that died
         self.waiting: list[Shard] = []  # shards no worker holds yet
+        self.on_rows = None
 
     def submit(self, shard: Shard):
         self.waiting.append(shard)
@@ -119,6 +148,10 @@ class WorkerPool:
         for worker in list(self.workers):
             dead = worker.process.exitcode is not None  # read first: a worker's last results precede its exit
             for result in _drain(worker.results):
+                if isinstance(result, tuple):  # (shard index, texts encoded)
+                    if self.on_rows:
+                        self.on_rows(*result)
+                    continue
                 if result.error is not None:
                     raise (ValueError if result.error_type == "ValueError" else RuntimeError)(result.error)
                 worker.held = [s for s in worker.held if s.index != result.index]
@@ -139,6 +172,9 @@ class WorkerPool:
     def _retire(self, worker: _Worker) -> None:
         self.workers.remove(worker)
         self.stopped.append(f"{worker.device} (exit code {worker.process.exitcode})")
+        if self.workers:
+            print(f"moee: the worker on {self.stopped[-1]} stopped; its {len(worker.held)} unfinished shards go to "
+                  "the other workers", file=sys.stderr)
         self.waiting = sorted(self.waiting + worker.held, key=lambda s: s.index)
         worker.tasks.cancel_join_thread()  # nobody reads its queue any more
         if not self.workers:
@@ -155,6 +191,8 @@ class WorkerPool:
                 worker.process.terminate()
             worker.process.join()
             worker.tasks.cancel_join_thread()
+            for channel in (worker.tasks, worker.results):
+                channel.close()
 
 
 def _drain(results) -> list[ShardResult]:
