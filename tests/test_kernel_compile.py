@@ -54,9 +54,12 @@ SCRIPT = textwrap.dedent(r"""
         block_b, block_e = gather_router_softmax._block_sizes(4096, n_experts)
         types = {"first_logits": "*bf16", "pointer_table": "*i64", "stride_table": "*i64", "rows": "*i64",
                  "out": "*fp32", "block_offset": "i32", "layer_offset": "i32"}
-        constants = dict(FROM_TABLE=True, BLOCK_B=block_b, BLOCK_E=block_e)
-        cases[f"gather_router_softmax E={n_experts}"] = compile_report(
-            gather_router_softmax._gather_router_softmax_kernel, types, constants, 4)
+        for from_table in (True, False):  # False: the encoder's per-layer call, no pointer table
+            constants = dict(FROM_TABLE=from_table, BLOCK_B=block_b, BLOCK_E=block_e)
+            if not from_table:
+                constants.update(pointer_table=None, stride_table=None)
+            cases[f"gather_router_softmax E={n_experts}{'' if from_table else ' one layer'}"] = compile_report(
+                gather_router_softmax._gather_router_softmax_kernel, types, constants, 4)
     print(json.dumps(cases))
 """)
 
@@ -81,7 +84,7 @@ def test_cosine_kernels_use_tensor_cores_except_at_ieee_precision(sm90_reports):
 
 
 def test_no_kernel_spills_registers_on_sm90(sm90_reports):
-    assert len(sm90_reports) == 9
+    assert len(sm90_reports) == 14 and sum("one layer" in name for name in sm90_reports) == 5
     for name, report in sm90_reports.items():
         assert report["spill_bytes"] == 0, f"{name}: {report}"
         assert 0 < report["registers"] <= 255, f"{name}: {report}"
