@@ -19,8 +19,8 @@ from .moe_gemm import moe_gemm
 from .moe_sum import moe_sum
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "fused_moe.json"
-DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-SMALL_BATCH_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
+DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+SMALL_BATCH_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)
 CONFIG_KEYS = set(DEFAULT_CONFIG)
 
 

@@ -82,6 +82,6 @@ def moe_align(top_k_index: torch.Tensor, n_experts: int, block_m: int):
     _count_kernel[grid](expert_of_pair, counts, rank_of_pair, n_pairs, BLOCK=block)
     _offsets_kernel[(1,)](counts, padded_start, padded_total, expert_of_block, sorted_pairs, n_experts, n_pairs,
                           rows // block_m, BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(n_experts),
-                          BLOCK_BLOCKS=max(16, 4096 // triton.next_power_of_2(n_experts)))
+                          BLOCK_BLOCKS=max(16, 4096 // triton.next_power_of_2(n_experts)), num_warps=8)
     _scatter_kernel[grid](expert_of_pair, rank_of_pair, padded_start, sorted_pairs, n_pairs, BLOCK=block)
     return sorted_pairs, expert_of_block, padded_total

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
-    from moee_fast.kernels import combined_cosine, gather_router_softmax
+    from moee_fast.kernels import combined_cosine, fused_moe, gather_router_softmax, moe_align, moe_gemm, moe_sum
 
     def compile_report(kernel, types, constants, num_warps, num_stages=3):
         names = [p.name for p in kernel.params]
@@ -60,6 +60,31 @@ SCRIPT = textwrap.dedent(r"""
                 constants.update(pointer_table=None, stride_table=None)
             cases[f"gather_router_softmax E={n_experts}{'' if from_table else ' one layer'}"] = compile_report(
                 gather_router_softmax._gather_router_softmax_kernel, types, constants, 4)
+    # Fused MoE: every variant the experts path launches, with both shipped tile shapes.
+    for element in ("bf16", "fp16"):
+        for tiles_name, tiles in (("large", fused_moe.DEFAULT_CONFIG), ("small", fused_moe.SMALL_BATCH_CONFIG)):
+            tiles = dict(tiles)
+            options = (tiles.pop("num_warps"), tiles.pop("num_stages"))
+            for step, flags in (("gate_up", dict(GATED=True, GATHER_A=True, SCATTER_C=False, WEIGHTED=True)),
+                                ("down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=True)),
+                                ("shared down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=False))):
+                flags = dict(flags, UPCAST=False, stride_bk=1, **tiles)
+                if step == "gate_up":  # the gate_up launch passes no weights
+                    flags.update(WEIGHTED=False, pair_weights=None)
+                if not flags["WEIGHTED"]:
+                    flags["pair_weights"] = None
+                types = {**{p: "*" + element for p in ("a", "b", "b_up", "c")}, "sorted_pairs": "*i32",
+                         "expert_of_block": "*i32", "padded_total": "*i32", "pair_weights": "*fp32",
+                         **{p: "i32" for p in ("n_cols", "k_dim", "n_pairs", "top_k", "max_blocks")}}
+                cases[f"moe_gemm {step} {element} {tiles_name}"] = compile_report(moe_gemm._moe_gemm_kernel, types, flags, *options)
+        types = {"rows": "*" + element, "shared": "*" + element, "out": "*" + element}
+        cases[f"moe_sum {element}"] = compile_report(moe_sum._moe_sum_kernel, types, dict(TOP_K=8, HAS_SHARED=True, BLOCK_N=1024), 4)
+    types = {"expert_of_pair": "*i64", "counts": "*i32", "rank_of_pair": "*i32", "padded_start": "*i32",
+             "sorted_pairs": "*i32", "padded_total": "*i32", "expert_of_block": "*i32", "n_pairs": "i32", "n_experts": "i32",
+             "max_blocks": "i32"}
+    cases["moe_align count"] = compile_report(moe_align._count_kernel, types, dict(BLOCK=1024), 4)
+    cases["moe_align offsets E=160"] = compile_report(moe_align._offsets_kernel, types, dict(BLOCK_M=64, BLOCK_E=256, BLOCK_BLOCKS=16), 8)
+    cases["moe_align scatter"] = compile_report(moe_align._scatter_kernel, types, dict(BLOCK=1024), 4)
     print(json.dumps(cases))
 """)
 
@@ -83,8 +108,15 @@ def test_cosine_kernels_use_tensor_cores_except_at_ieee_precision(sm90_reports):
     assert not sm90_reports["combined_cosine fp32 ieee"]["tensor_cores"]
 
 
+def test_fused_moe_gemms_use_tensor_cores(sm90_reports):
+    gemms = [name for name in sm90_reports if name.startswith("moe_gemm")]
+    assert len(gemms) == 12
+    for name in gemms:
+        assert sm90_reports[name]["tensor_cores"], name
+
+
 def test_no_kernel_spills_registers_on_sm90(sm90_reports):
-    assert len(sm90_reports) == 14 and sum("one layer" in name for name in sm90_reports) == 5
+    assert len(sm90_reports) == 14 + 12 + 2 + 3 and sum("one layer" in name for name in sm90_reports) == 5
     for name, report in sm90_reports.items():
         assert report["spill_bytes"] == 0, f"{name}: {report}"
         assert 0 < report["registers"] <= 255, f"{name}: {report}"
