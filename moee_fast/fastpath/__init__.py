@@ -7,7 +7,8 @@ entry point.
     handle.remove()                        # the model, transformers' registries and module
                                            # globals exactly as they were
 
-Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py), `norms`
+Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py, CPU),
+`fused_experts` (fused_experts.py, CUDA), `norms`
 (norms.py), `linears` (linears.py), `rotary` (rotary.py), `trim` (the last layer on the last
 tokens, trim.py). Each admits a module only where a probe or a type check shows it reproduces the
 original, and skips quantized weights, meta weights and modules accelerate has hooked. The hooks
@@ -20,12 +21,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from . import attention, experts, linears, norms, rotary, state, trim
+from . import attention, experts, fused_experts, linears, norms, rotary, state, trim
 from .patching import PartReport
 
 _INSTALLERS = {
     "attention": attention.install,
     "experts": experts.install,
+    "fused_experts": fused_experts.install,  # the experts on CUDA
     "norms": norms.install,
     "linears": linears.install,
     "rotary": rotary.install,
