@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .patching import PartReport, hold, unpatchable_reason
+from .experts import use_experts_implementation
+from .patching import PartReport, unpatchable_reason
 
 NAME = "moee_fused"
 _SILU = ("silu", "swish")
@@ -60,8 +61,6 @@ def install(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> PartRepor
     """Run every experts module through `fused_experts_forward` where all of them are admitted (the
     implementation is chosen per model). `devices`: where the weights may be; a test passes "cpu"
     to run the kernels in Triton's interpreter."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
     report = PartReport("fused_experts", f"{NAME} (Triton fused MoE: aligned blocks, fused SiLU * up and weights)")
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and isinstance(getattr(m, "down_proj", None), torch.Tensor)]
@@ -78,11 +77,4 @@ def install(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> PartRepor
             reason = f"{type(module).__name__} computes another formula (probe)"
         if reason is not None:
             report.skip(reason, name)
-    if report.skipped or not hasattr(model, "set_experts_implementation"):
-        return report
-    before = model.config._experts_implementation
-    report.undo.append(hold(type(ALL_EXPERTS_FUNCTIONS)._global_mapping, NAME, fused_experts_forward))
-    model.set_experts_implementation(NAME)
-    report.undo.append(lambda: model.set_experts_implementation(before))
-    report.applied.extend(name for name, _ in found)
-    return report
+    return use_experts_implementation(model, report, NAME, fused_experts_forward, found)
