@@ -60,10 +60,12 @@ SCRIPT = textwrap.dedent(r"""
                 constants.update(pointer_table=None, stride_table=None)
             cases[f"gather_router_softmax E={n_experts}{'' if from_table else ' one layer'}"] = compile_report(
                 gather_router_softmax._gather_router_softmax_kernel, types, constants, 4)
-    # Fused MoE: every variant the experts path launches, with both shipped tile shapes.
+    # Fused MoE: every variant the experts path launches, with every tiling the shipped table holds.
     for element in ("bf16", "fp16"):
-        for tiles_name, tiles in (("large", fused_moe.DEFAULT_CONFIG), ("small", fused_moe.SMALL_BATCH_CONFIG)):
-            tiles = dict(tiles)
+        shipped = {json.dumps(c, sort_keys=True) for rows in fused_moe.config_table().values() for _, c in rows}
+        shipped |= {json.dumps(c, sort_keys=True) for c in (fused_moe.DEFAULT_CONFIG, fused_moe.SMALL_BATCH_CONFIG)}
+        for tiles_name in sorted(shipped):
+            tiles = json.loads(tiles_name)
             options = (tiles.pop("num_warps"), tiles.pop("num_stages"))
             for step, flags in (("gate_up", dict(GATED=True, GATHER_A=True, SCATTER_C=False, WEIGHTED=True)),
                                 ("down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=True)),
@@ -110,13 +112,13 @@ def test_cosine_kernels_use_tensor_cores_except_at_ieee_precision(sm90_reports):
 
 def test_fused_moe_gemms_use_tensor_cores(sm90_reports):
     gemms = [name for name in sm90_reports if name.startswith("moe_gemm")]
-    assert len(gemms) == 12
+    assert len(gemms) >= 12
     for name in gemms:
         assert sm90_reports[name]["tensor_cores"], name
 
 
 def test_no_kernel_spills_registers_on_sm90(sm90_reports):
-    assert len(sm90_reports) == 14 + 12 + 2 + 3 and sum("one layer" in name for name in sm90_reports) == 5
+    assert len(sm90_reports) >= 14 + 12 + 2 + 3 and sum("one layer" in name for name in sm90_reports) == 5
     for name, report in sm90_reports.items():
         assert report["spill_bytes"] == 0, f"{name}: {report}"
         assert 0 < report["registers"] <= 255, f"{name}: {report}"
