@@ -178,3 +178,19 @@ def test_bench_families_are_chosen_by_environment_and_unknown_names_are_refused(
     monkeypatch.setenv("MOEE_FAST_BENCH_FAMILIES", "olmoe,mixtrall")
     with pytest.raises(ValueError, match="mixtrall"):
         selected_families()
+
+
+def test_gpu_ledger_counts_every_kernel_of_each_design_for_the_four_shapes(tmp_path):
+    from benchmarks import gpu_ledger
+
+    rows = gpu_ledger.ledger()
+    assert {(r["model"], r["design"]) for r in rows} == {(m, d) for m in gpu_ledger.SHAPES for d in gpu_ledger.DESIGNS}
+    for r in rows:
+        assert r["launches"] == sum(k.launches for k in r["kernels"]) > 0 and r["glue_mb"] > 0
+        assert all(k.reads >= 0 and k.writes >= 0 for k in r["kernels"])
+    olmoe = {r["design"]: r for r in rows if r["model"] == "OLMoE-1B-7B"}
+    # One token's eight gate_up rows of 1024 bf16 values: what the fused GEMM writes per token.
+    gate_up = next(k for k in olmoe["moee-fast CUDA"]["kernels"] if "gate_up" in k.name)
+    assert gate_up.writes == 8 * 1024 * 2 and gate_up.gemm
+    gpu_ledger.main(["--out", str(tmp_path / "ledger.md")])
+    assert "| OLMoE-1B-7B | vLLM |" in (tmp_path / "ledger.md").read_text()
