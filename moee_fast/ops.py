@@ -402,3 +402,58 @@ def fused_moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, d
     with _on_device(device):
         return fused_moe(_row_contiguous(hidden_states), top_k_index.contiguous(), top_k_weights.contiguous(),
                          gate_up_proj, down_proj, out, shared=shared, config=config)
+
+
+def _check_triton_device(device, op):
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"{op} runs a Triton kernel: CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """weight * RMSNorm(x (+ residual)) over the last dimension in one Triton pass, rounding as the
+    families' modules do (normalise in fp32, round, scale, round). With `residual`, returns
+    (normed, x + residual), the new residual stream; else normed. Inner dimension of unit stride."""
+    named = dict(x=x, weight=weight, **({} if residual is None else dict(residual=residual)))
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor")
+    _check_one_device(named)
+    _check_triton_device(x.device, "rms_norm")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [{x.shape[-1]}] for x {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} must match x {x.dtype} {tuple(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = None if residual is None else torch.empty_like(out)
+    from .kernels.rms_norm import rms_norm as launch
+
+    with _on_device(x.device):
+        launch(rows, weight, float(eps), out.view(-1, x.shape[-1]),
+               None if residual is None else residual.reshape(-1, x.shape[-1]).contiguous(),
+               None if residual_out is None else residual_out.view(-1, x.shape[-1]))
+    return out if residual is None else (out, residual_out)
+
+
+def rotary_(q, k, cos, sin):
+    """Rotary embedding applied in place to q and k ([1, heads, N, D] views, the packed layout),
+    cos and sin [1, N, D]; returns (q, k). One Triton launch each, no copies."""
+    for name, t in dict(q=q, k=k, cos=cos, sin=sin).items():
+        if not isinstance(t, torch.Tensor) or t.dim() != (3 if name in ("cos", "sin") else 4) or t.shape[0] != 1:
+            raise ValueError(f"{name} must be a tensor [1, ...] of the packed layout")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride along its last dimension")
+    _check_one_device(dict(q=q, k=k, cos=cos, sin=sin))
+    _check_triton_device(q.device, "rotary_")
+    n, dim = q.shape[2], q.shape[3]
+    if dim % 2 or k.shape[2:] != (n, dim) or cos.shape[1:] != (n, dim) or sin.shape[1:] != (n, dim):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} "
+                         "disagree on tokens or an even head size")
+    from .kernels.rotary import rotary_ as launch
+
+    with _on_device(q.device):
+        for x in (q, k):
+            launch(x[0].transpose(0, 1), cos[0], sin[0])
+    return q, k

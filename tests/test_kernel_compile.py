@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
-    from moee_fast.kernels import combined_cosine, fused_moe, gather_router_softmax, moe_align, moe_gemm, moe_sum
+    from moee_fast.kernels import combined_cosine, fused_moe, gather_router_softmax, moe_align, moe_gemm, moe_sum, rms_norm, rotary
 
     def compile_report(kernel, types, constants, num_warps, num_stages=3):
         names = [p.name for p in kernel.params]
@@ -87,6 +87,19 @@ SCRIPT = textwrap.dedent(r"""
     cases["moe_align count"] = compile_report(moe_align._count_kernel, types, dict(BLOCK=1024), 4)
     cases["moe_align offsets E=160"] = compile_report(moe_align._offsets_kernel, types, dict(BLOCK_M=64, BLOCK_E=256, BLOCK_BLOCKS=16), 8)
     cases["moe_align scatter"] = compile_report(moe_align._scatter_kernel, types, dict(BLOCK=1024), 4)
+    for element in ("bf16", "fp16"):
+        for width in (2048, 4096):
+            for residual in (False, True):
+                types = {p: "*" + element for p in ("x", "residual", "weight", "out", "residual_out")}
+                flags = dict(ADD_RESIDUAL=residual, BLOCK=width, stride_residual=0, stride_residual_out=0)
+                if not residual:
+                    flags.update(residual=None, residual_out=None)
+                else:
+                    flags = dict(ADD_RESIDUAL=True, BLOCK=width)
+                cases[f"rms_norm {element} H={width}{' + residual' if residual else ''}"] = compile_report(
+                    rms_norm._rms_norm_kernel, {**types, "eps": "fp32"}, flags, 4 if width <= 4096 else 8)
+        types = {"x": "*" + element, "cos": "*" + element, "sin": "*" + element, "n_heads": "i32"}
+        cases[f"rotary {element} D=128"] = compile_report(rotary._rotary_kernel, types, dict(HALF=64, BLOCK_H=16, BLOCK_D=64), 4)
     print(json.dumps(cases))
 """)
 
@@ -118,7 +131,7 @@ def test_fused_moe_gemms_use_tensor_cores(sm90_reports):
 
 
 def test_no_kernel_spills_registers_on_sm90(sm90_reports):
-    assert len(sm90_reports) >= 14 + 12 + 2 + 3 and sum("one layer" in name for name in sm90_reports) == 5
+    assert len(sm90_reports) >= 14 + 12 + 2 + 3 + 10 and sum("one layer" in name for name in sm90_reports) == 5
     for name, report in sm90_reports.items():
         assert report["spill_bytes"] == 0, f"{name}: {report}"
         assert 0 < report["registers"] <= 255, f"{name}: {report}"
