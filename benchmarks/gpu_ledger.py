@@ -56,47 +56,30 @@ class Kernel:
     launches: int = 1
 
 
-def rms_norm_torch(width: int, label: str) -> list[Kernel]:
-    """The families' bf16 RMSNorm as the CUDA path runs it today: upcast, torch's fp32 rms_norm,
-    downcast, weight multiply (fastpath/norms.py)."""
-    return [Kernel(f"{label}: to fp32", BF16 * width, FP32 * width),
-            Kernel(f"{label}: rms_norm fp32", FP32 * width, FP32 * width),
-            Kernel(f"{label}: to bf16", FP32 * width, BF16 * width),
-            Kernel(f"{label}: * weight", BF16 * width, BF16 * width)]
+def rms_norm(width: int, label: str) -> list[Kernel]:
+    """ops.rms_norm: one pass (the norms part on bf16/fp16 CUDA)."""
+    return [Kernel(f"{label}: RMSNorm (one pass)", BF16 * width, BF16 * width)]
 
 
-def rotary_torch(width: int, label: str) -> list[Kernel]:
-    """x * cos + rotate_half(x) * sin: two slices negated and concatenated, two products, a sum;
-    cos and sin rows are read per token (head_dim each, broadcast over heads)."""
-    return [Kernel(f"{label}: x * cos", BF16 * width, BF16 * width),
-            Kernel(f"{label}: -x2", BF16 * width / 2, BF16 * width / 2),
-            Kernel(f"{label}: cat(-x2, x1)", BF16 * width, BF16 * width),
-            Kernel(f"{label}: * sin", BF16 * width, BF16 * width),
-            Kernel(f"{label}: sum", 2 * BF16 * width, BF16 * width)]
-
-
-def attention_block(s: Shape, fused: bool) -> list[Kernel]:
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    h = s.hidden
-    norm = (lambda w, label: [Kernel(f"{label}: fused RMSNorm", BF16 * w, BF16 * w)]) if fused else rms_norm_torch
-    kernels = norm(h, "input norm") if not fused else [Kernel("residual add + input norm (fused)", 2 * BF16 * h, 2 * BF16 * h)]
-    kernels.append(Kernel("qkv projection" if fused else "q, k, v projections", BF16 * h * (1 if fused else 3),
-                          BF16 * (q + 2 * kv), gemm=True, launches=1 if fused else 3))
+def attention_block(s: Shape, design: str) -> list[Kernel]:
+    """moee-fast: fused norms, residual adds apart, rotary in place, q/k/v made contiguous for
+    varlen_attn; vLLM: residual add fused into each norm, one qkv GEMM."""
+    q, kv, h = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden
+    vllm = design == "vLLM"
+    kernels = [Kernel("residual add + input norm (fused)", 2 * BF16 * h, 2 * BF16 * h)] if vllm else rms_norm(h, "input norm")
+    kernels.append(Kernel("qkv projection" if vllm else "q, k, v projections", BF16 * h * (1 if vllm else 3),
+                          BF16 * (q + 2 * kv), gemm=True, launches=1 if vllm else 3))
     if s.qk_norm:
-        kernels += norm(q, "q norm") + norm(kv, "k norm")
-    if fused:
-        kernels.append(Kernel("rotary q, k in place", BF16 * (q + kv) + 2 * BF16 * s.head_dim, BF16 * (q + kv)))
-    else:
-        kernels += rotary_torch(q, "rotary q") + rotary_torch(kv, "rotary k")
-        kernels.append(Kernel("q, k, v .contiguous() copies", BF16 * (q + 2 * kv), BF16 * (q + 2 * kv), launches=3))
+        kernels += rms_norm(q, "q norm") + rms_norm(kv, "k norm")
+    kernels.append(Kernel("rotary q, k in place", BF16 * (q + kv) + 4 * BF16 * s.head_dim, BF16 * (q + kv),
+                          launches=1 if vllm else 2))
+    if not vllm:
+        kernels.append(Kernel("q, k, v .contiguous() copies for varlen_attn", BF16 * (q + 2 * kv), BF16 * (q + 2 * kv), launches=3))
     kernels.append(Kernel("varlen flash attention", BF16 * (q + 2 * kv), BF16 * q, gemm=True))
     kernels.append(Kernel("o projection", BF16 * q, BF16 * h, gemm=True))
-    if not fused:
-        kernels.append(Kernel("residual add", 2 * BF16 * h, BF16 * h))
-        kernels += rms_norm_torch(h, "post-attention norm")
-    else:
-        kernels.append(Kernel("residual add + post-attention norm (fused)", 2 * BF16 * h, 2 * BF16 * h))
-    return kernels
+    if vllm:
+        return kernels + [Kernel("residual add + post-attention norm (fused)", 2 * BF16 * h, 2 * BF16 * h)]
+    return kernels + [Kernel("residual add", 2 * BF16 * h, BF16 * h)] + rms_norm(h, "post-attention norm")
 
 
 def routing(s: Shape, with_rw: bool) -> list[Kernel]:
@@ -153,8 +136,8 @@ def weights_per_token(s: Shape) -> float:
 
 
 DESIGNS = {
-    "moee-fast CUDA": lambda s: attention_block(s, fused=False) + moe_block(s, "moee-fast"),
-    "vLLM": lambda s: attention_block(s, fused=True) + moe_block(s, "vLLM"),
+    "moee-fast CUDA": lambda s: attention_block(s, "moee-fast") + moe_block(s, "moee-fast"),
+    "vLLM": lambda s: attention_block(s, "vLLM") + moe_block(s, "vLLM"),
 }
 
 
@@ -165,16 +148,18 @@ def ledger() -> list[dict]:
             kernels = kernels_of(shape)
             glue = sum(k.reads + k.writes for k in kernels if not k.gemm)
             gemm = sum(k.reads + k.writes for k in kernels if k.gemm)
+            moe = moe_block(shape, "vLLM" if design == "vLLM" else "moee-fast")
             rows.append(dict(model=model, design=design, launches=sum(k.launches for k in kernels),
+                             moe_launches=sum(k.launches for k in moe),
                              glue_mb=glue / 1e6, gemm_activation_mb=gemm / 1e6,
                              weights_mb=weights_per_token(shape) / 1e6, kernels=kernels))
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    header = ["model", "design", "launches / layer", "glue MB / token / layer", "GEMM activations MB",
+    header = ["model", "design", "launches / layer", "of which MoE block", "glue MB / token / layer", "GEMM activations MB",
               f"weights MB / token (batch {BATCH_TOKENS})"]
-    table = [[r["model"], r["design"], r["launches"], f"{r['glue_mb']:.3f}", f"{r['gemm_activation_mb']:.3f}",
+    table = [[r["model"], r["design"], r["launches"], r["moe_launches"], f"{r['glue_mb']:.3f}", f"{r['gemm_activation_mb']:.3f}",
               f"{r['weights_mb']:.3f}"] for r in rows]
     lines = ["# Per-layer ledger of the CUDA forward (bf16, per token, one decoder layer)", "",
              (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
