@@ -3,7 +3,8 @@
 In order, each step under its own time limit, every outcome (failure and timeout included)
 appended to benchmarks/results/gpu_first_check_<card>.jsonl and the .md regenerated:
 1. kernels: the Triton ops on poisoned outputs across expert counts (8, 60, 64, 160, 256) and
-   dtypes against float64, then registers and spills of every compiled kernel;
+   dtypes against float64 (the fused MoE experts too), then registers and spills of every
+   compiled kernel;
 2. grid limit: one query against more than 4.2M fp32 corpus rows (top-k and the full row);
 3. attention: varlen against padded attention on a skewed batch (one 512-token text and 4,032
    8-token texts): time, peak memory, largest difference;
@@ -59,7 +60,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # seconds per step on the GPU (--dry: DRY_LIMIT_SCALE times, the interpreter on a shared CPU);
 # the throughput report gets what is left of --budget-s
-LIMITS = dict(kernels=90, grid_limit=45, attention=45, sync_debug_encode=75, bf16_vs_fp32=45)
+LIMITS = dict(kernels=150, grid_limit=45, attention=45, sync_debug_encode=75, bf16_vs_fp32=45)
 DRY_LIMIT_SCALE = 6
 HARD_STOP_GRACE_S = 20  # past the budget, the watchdog ends the process
 
@@ -107,8 +108,32 @@ def step_kernels(ctx: Context) -> dict:
             for layers in (1, 2 if ctx.dry else 4):  # one layer: the encoder's call, no pointer table
                 rows.append(dict(experts=experts, dtype=str(dtype).removeprefix("torch."), layers=layers,
                                  **_kernel_errors(ctx, ops, experts, dtype, layers)))
+    for experts, top_k in ((8, 2), (60, 4), (64, 8), (160, 6)):
+        for dtype in (torch.bfloat16, torch.float16):
+            rows.append(dict(experts=experts, dtype=str(dtype).removeprefix("torch."), layers="fused MoE",
+                             top_k=top_k, **_fused_moe_error(ctx, ops, experts, top_k, dtype)))
     failed = [f"E={r['experts']} {r['dtype']} L={r['layers']}" for r in rows if not r["ok"]]
     return dict(ok=not failed, failed=", ".join(failed), rows=rows + compiled_kernel_stats())
+
+
+def _fused_moe_error(ctx, ops, experts: int, top_k: int, dtype) -> dict:
+    """Largest row relative error of the fused MoE experts against float64, NaN-poisoned output."""
+    gen = torch.Generator().manual_seed(experts)
+    tokens, hidden, inter = (11, 40, 24) if ctx.dry else (1000, 2048, 1024)
+    x = torch.randn(tokens, hidden, generator=gen).to(ctx.device, dtype)
+    weights, index = (t.to(ctx.device) for t in torch.softmax(torch.randn(tokens, experts, generator=gen), -1).topk(top_k, -1))
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(ctx.device, dtype)
+    down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(ctx.device, dtype)
+    out = torch.full((tokens, hidden), float("nan"), device=ctx.device, dtype=dtype)
+    ops.fused_moe_experts(x, index, weights, gate_up, down, out=out)
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64, device=ctx.device)
+    for e in range(experts):
+        token, slot = (index == e).nonzero(as_tuple=True)
+        h = x[token].double() @ gate_up[e].double().T
+        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ down[e].double().T
+        expected.index_add_(0, token, y * weights[token, slot, None].double())
+    error = ((out.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    return dict(moe_row_err=error, ok=error <= TOLERANCE[dtype])  # NaN fails the bound
 
 
 def _kernel_errors(ctx, ops, experts: int, dtype, layers: int) -> dict:
