@@ -67,6 +67,6 @@ if want_ext and shutil.which(os.environ.get("CXX", "c++")):
         cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
 
 # The server's page (HTML, JS, CSS) ships inside the package: it is served offline, never from a CDN.
-package_data = {"moee_fast.serve": ["static/*.html", "static/*.js", "static/*.css"]}
+package_data = {"moee_fast.serve": ["static/*.html", "static/*.js", "static/*.css"], "moee_fast.kernels": ["configs/*.json"]}
 
 setup(packages=packages, package_dir=package_dir, package_data=package_data, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -3,7 +3,8 @@
 In order, each step under its own time limit, every outcome (failure and timeout included)
 appended to benchmarks/results/gpu_first_check_<card>.jsonl and the .md regenerated:
 1. kernels: the Triton ops on poisoned outputs across expert counts (8, 60, 64, 160, 256) and
-   dtypes against float64, then registers and spills of every compiled kernel;
+   dtypes against float64 (the fused MoE experts too), then registers and spills of every
+   compiled kernel;
 2. grid limit: one query against more than 4.2M fp32 corpus rows (top-k and the full row);
 3. attention: varlen against padded attention on a skewed batch (one 512-token text and 4,032
    8-token texts): time, peak memory, largest difference;
@@ -11,20 +12,33 @@ appended to benchmarks/results/gpu_first_check_<card>.jsonl and the .md regenera
 5. bf16 against fp32: the same texts encoded in both, row relative error of HS and RW;
 6. throughput: benchmarks.gpu_report on the OLMoE shape for the time left.
 
+The budget (default 480 s) counts from process start, imports included, so the whole run fits
+one 10-minute command with room to spare; a step past its limit is stopped (StepTimeout is a
+BaseException, so no `except Exception` swallows it; the subprocess steps are killed with their
+process group) and recorded, and a watchdog ends the process 20 s past the budget whatever hangs.
+Temporary checkpoints are removed at the end. An exported TRITON_INTERPRET is refused unless --dry:
+it would silently run the "GPU" kernels in Triton's CPU interpreter.
+
 Run on a CUDA machine:  python -m benchmarks.gpu_first_check
 Check it on a CPU:      python -m benchmarks.gpu_first_check --dry   (tiny shapes, the Triton interpreter)
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+
+PROCESS_START = time.monotonic()  # the budget counts from here, before torch and triton import
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 if "--dry" in sys.argv:  # before triton is imported: its CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,17 +52,22 @@ from benchmarks.helpers import (  # noqa: E402
     caught,
     markdown_table,
     max_row_relative_error,
+    time_calls,
 )
 
 EXPERT_COUNTS = (8, 60, 64, 160, 256)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-# seconds per step on the GPU; the throughput report gets what is left of --budget-s
-LIMITS = dict(kernels=120, grid_limit=60, attention=60, sync_debug_encode=90, bf16_vs_fp32=60)
+# seconds per step on the GPU (--dry: DRY_LIMIT_SCALE times, the interpreter on a shared CPU);
+# the throughput report gets what is left of --budget-s
+LIMITS = dict(kernels=150, grid_limit=45, attention=45, sync_debug_encode=75, bf16_vs_fp32=45)
+DRY_LIMIT_SCALE = 6
+HARD_STOP_GRACE_S = 20  # past the budget, the watchdog ends the process
 
 
-class StepTimeout(Exception):
-    pass
+class StepTimeout(BaseException):
+    """A step ran past its limit. Not an Exception: `caught()` and any `except Exception` inside
+    a step must let it through to `run_step`, which records it."""
 
 
 def _alarm(signum, frame):
@@ -61,6 +80,8 @@ class Context:
     def __init__(self, args):
         self.dry, self.args = args.dry, args
         self.device = torch.device("cpu" if args.dry else "cuda")
+        self.min_seconds = 0.0 if args.dry else 5.0  # timed work per figure (dry: one timed call)
+        self._scratch = tempfile.mkdtemp(prefix="gpu_first_check_")
         self._checkpoint = None
 
     def checkpoint(self) -> str:
@@ -68,22 +89,11 @@ class Context:
             from benchmarks.models import build_checkpoint, scaled_configs, smoke_configs
 
             config = smoke_configs()["olmoe"] if self.dry else scaled_configs(num_hidden_layers=2)["olmoe"]
-            self._checkpoint = build_checkpoint("olmoe", tempfile.mkdtemp(prefix="gpu_first_check_"), config=config)
+            self._checkpoint = build_checkpoint("olmoe", os.path.join(self._scratch, "olmoe"), config=config)
         return self._checkpoint
 
-    def timed(self, fn):
-        """(result, milliseconds, peak MiB): CUDA events and the allocator's peak on the GPU."""
-        if self.device.type != "cuda":
-            start = time.perf_counter()
-            return fn(), 1e3 * (time.perf_counter() - start), None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
-        return result, start.elapsed_time(end), torch.cuda.max_memory_allocated() / 2**20
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -95,15 +105,41 @@ def step_kernels(ctx: Context) -> dict:
     rows = []
     for experts in EXPERT_COUNTS:
         for dtype in DTYPES:
-            rows.append(dict(experts=experts, dtype=str(dtype).removeprefix("torch."), **_kernel_errors(ctx, ops, experts, dtype)))
-    failed = [f"E={r['experts']} {r['dtype']}" for r in rows if not r["ok"]]
+            for layers in (1, 2 if ctx.dry else 4):  # one layer: the encoder's call, no pointer table
+                rows.append(dict(experts=experts, dtype=str(dtype).removeprefix("torch."), layers=layers,
+                                 **_kernel_errors(ctx, ops, experts, dtype, layers)))
+    for experts, top_k in ((8, 2), (60, 4), (64, 8), (160, 6)):
+        for dtype in (torch.bfloat16, torch.float16):
+            rows.append(dict(experts=experts, dtype=str(dtype).removeprefix("torch."), layers="fused MoE",
+                             top_k=top_k, **_fused_moe_error(ctx, ops, experts, top_k, dtype)))
+    failed = [f"E={r['experts']} {r['dtype']} L={r['layers']}" for r in rows if not r["ok"]]
     return dict(ok=not failed, failed=", ".join(failed), rows=rows + compiled_kernel_stats())
 
 
-def _kernel_errors(ctx, ops, experts: int, dtype) -> dict:
+def _fused_moe_error(ctx, ops, experts: int, top_k: int, dtype) -> dict:
+    """Largest row relative error of the fused MoE experts against float64, NaN-poisoned output."""
+    gen = torch.Generator().manual_seed(experts)
+    tokens, hidden, inter = (11, 40, 24) if ctx.dry else (1000, 2048, 1024)
+    x = torch.randn(tokens, hidden, generator=gen).to(ctx.device, dtype)
+    weights, index = (t.to(ctx.device) for t in torch.softmax(torch.randn(tokens, experts, generator=gen), -1).topk(top_k, -1))
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(ctx.device, dtype)
+    down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(ctx.device, dtype)
+    out = torch.full((tokens, hidden), float("nan"), device=ctx.device, dtype=dtype)
+    ops.fused_moe_experts(x, index, weights, gate_up, down, out=out)
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64, device=ctx.device)
+    for e in range(experts):
+        token, slot = (index == e).nonzero(as_tuple=True)
+        h = x[token].double() @ gate_up[e].double().T
+        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ down[e].double().T
+        expected.index_add_(0, token, y * weights[token, slot, None].double())
+    error = ((out.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    return dict(moe_row_err=error, ok=error <= TOLERANCE[dtype])  # NaN fails the bound
+
+
+def _kernel_errors(ctx, ops, experts: int, dtype, layers: int) -> dict:
     """Largest absolute error of the Triton ops against float64 on outputs poisoned with NaN."""
     gen = torch.Generator().manual_seed(experts)
-    layers, batch, tokens = (2, 9, 3) if ctx.dry else (4, 37, 5)
+    batch, tokens = (9, 3) if ctx.dry else (37, 5)
     logits = [torch.randn(batch * tokens, experts, generator=gen).to(ctx.device, dtype) for _ in range(layers)]
     last = (torch.arange(batch) * tokens + torch.randint(0, tokens, (batch,), generator=gen)).to(ctx.device)
     out = torch.full((batch, layers, experts), float("nan"), device=ctx.device)
@@ -168,25 +204,32 @@ def step_attention(ctx: Context) -> dict:
         from moee_fast.fastpath import attention
     except ImportError as exc:
         return dict(status="not available", reason=f"{type(exc).__name__}: {exc}")
-    pack = getattr(attention, "pack", None)
-    if pack is None:
-        from moee_fast.packing import pack
+    from moee_fast.packing import pack
     lengths = [64] + [4] * 60 if ctx.dry else [512] + [8] * 4032
     heads, head_dim = (2, 16) if ctx.dry else (16, 128)
     dtype = torch.float32 if ctx.dry else torch.bfloat16
-    packing = pack([[1] * n for n in lengths], ctx.device)
-    q, k, v = (torch.randn(1, heads, sum(lengths), head_dim, device=ctx.device, dtype=dtype) for _ in range(3))
-    outputs = {}
+    _, _, packing = pack([[1] * n for n in lengths], ctx.device)
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, sum(lengths), head_dim, device=ctx.device, dtype=dtype, generator=gen) for _ in range(3))
+    # Each text alone through SDPA in float64: what both paths must equal.
+    expected = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x[:, :, start:end].double() for x in (q, k, v)), is_causal=True, scale=head_dim**-0.5).transpose(1, 2)
+        for start, end in zip(packing.cu_seqlens[:-1].tolist(), packing.cu_seqlens[1:].tolist())], 1)
+    names = ["padded_attention"]
+    if ctx.device.type == "cuda" and dtype in attention._VARLEN_DTYPES:  # varlen_attn runs on CUDA only
+        names.insert(0, "varlen_attention")
 
     def measure(name):
-        outputs[name], ms, peak = ctx.timed(lambda: getattr(attention, name)(q, k, v, packing, head_dim**-0.5, None))
-        return dict(ms=ms, peak_mib=peak)
+        timing = time_calls(lambda: getattr(attention, name)(q, k, v, packing, head_dim**-0.5, None), ctx.device,
+                            ctx.min_seconds)
+        err = (timing.result.double() - expected).abs().max().item()
+        return dict(ms=1e3 * timing.seconds, timed_calls=timing.calls, peak_gib=timing.peak_gib, max_abs_err=err,
+                    ok=err <= TOLERANCE[dtype] * 4)  # NaN fails the bound
 
-    rows = [caught(name, measure, name) for name in ("varlen_attention", "padded_attention")]
-    result = dict(texts=len(lengths), tokens=sum(lengths), rows=rows)
-    if len(outputs) == 2:
-        result["max_abs_diff"] = (outputs["varlen_attention"].float() - outputs["padded_attention"].float()).abs().max().item()
-    return result
+    rows = [caught(name, measure, name) for name in names]
+    failed = [r["step"] for r in rows if not r.get("ok")]
+    return dict(texts=len(lengths), tokens=sum(lengths), ok=not failed, failed=", ".join(failed), rows=rows)
 
 
 SYNC_PROBE = """
@@ -199,15 +242,27 @@ print("encoded", tuple(out.hs.shape), tuple(out.rw.shape))
 """
 
 
+def run_child(args: list[str], env: dict | None = None) -> dict:
+    """A child process in its own process group, killed with all of its children if the step's
+    alarm fires (vLLM's engine runs in processes of its own)."""
+    proc = subprocess.Popen(args, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    result = dict(returncode=proc.returncode, stdout=stdout.strip()[-300:])
+    if proc.returncode:
+        result["error"] = stderr.strip().splitlines()[-1][:300] if stderr.strip() else f"exit status {proc.returncode}"
+    return result
+
+
 def step_sync_debug_encode(ctx: Context) -> dict:
     """CUDA_LAUNCH_BLOCKING=1 makes a failing launch raise at the call that made it."""
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    proc = subprocess.run([sys.executable, "-c", SYNC_PROBE, ctx.checkpoint(), str(ctx.device)], env=env,
-                          capture_output=True, text=True, timeout=LIMITS["sync_debug_encode"] - 5)
-    result = dict(returncode=proc.returncode, stdout=proc.stdout.strip()[-300:])
-    if proc.returncode:
-        result["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
-    return result
+    return run_child([sys.executable, "-c", SYNC_PROBE, ctx.checkpoint(), str(ctx.device)],
+                     dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
 
 
 def step_bf16_vs_fp32(ctx: Context) -> dict:
@@ -223,13 +278,19 @@ def step_bf16_vs_fp32(ctx: Context) -> dict:
 
 
 def step_throughput(ctx: Context) -> dict:
-    from benchmarks import gpu_report
-
-    sizes = ["--texts", "8", "--reference-texts", "4", "--budgets", "64", "--warmup-texts", "2", "--experts", "eager"] \
+    """benchmarks.gpu_report in a child process: it writes each run as it ends, so a kill at the
+    step's limit keeps every figure already measured."""
+    sizes = ["--smoke", "--texts", "8", "--reference-texts", "4", "--budgets", "64", "--experts", "eager"] \
         if ctx.dry else ["--texts", "1024", "--reference-texts", "256", "--budgets", "65536"]
-    out_dir = ctx.args.out_dir
-    gpu_report.main(["--models", "olmoe", *sizes, "--out-dir", str(out_dir), *(["--smoke"] if ctx.dry else [])])
-    return dict(report="gpu_report_*.md and .jsonl beside this file")
+    result = run_child([sys.executable, "-m", "benchmarks.gpu_report", "--models", "olmoe", *sizes,
+                        "--out-dir", str(ctx.args.out_dir)])
+    report = next(Path(ctx.args.out_dir).glob("gpu_report_*.jsonl"), None)
+    runs = [json.loads(line) for line in report.read_text().splitlines()] if report else []
+    failed = [f"{r['path']} {r.get('experts', '')}".strip() for r in runs if "error" in r]
+    result.update(report=report.name if report else None, runs=len(runs), failed_runs=", ".join(failed))
+    if "error" not in result and (not runs or failed):
+        result["error"] = f"failed runs: {', '.join(failed)}" if failed else "gpu_report recorded nothing"
+    return result
 
 
 STEPS = [step_kernels, step_grid_limit, step_attention, step_sync_debug_encode, step_bf16_vs_fp32, step_throughput]
@@ -255,20 +316,43 @@ def render(title: str):
 
 
 def run_step(step, ctx: Context, limit: float) -> dict:
+    """The step's record: its result, {"error": ...} for an exception, or a StepTimeout error
+    when it ran past `limit` seconds."""
+    name = step.__name__.removeprefix("step_")
+    start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)
     try:
-        return caught(step.__name__.removeprefix("step_"), step, ctx)
+        return caught(name, step, ctx)
+    except StepTimeout as exc:
+        return dict(step=name, error=f"StepTimeout: {exc} ({limit:.0f} s)", wall_s=round(time.perf_counter() - start, 3))
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def start_watchdog(log: ResultsLog, hard_deadline: float) -> None:
+    """Ends the process at `hard_deadline` (monotonic) even if a step is stuck where the alarm
+    cannot reach (inside a C call), after recording that it did."""
+    def stop():
+        log.add(dict(step="watchdog", error="stopped at the hard deadline: a step ignored its alarm",
+                     wall_s=round(time.monotonic() - PROCESS_START, 1)))
+        os._exit(3)
+
+    timer = threading.Timer(max(0.0, hard_deadline - time.monotonic()), stop)
+    timer.daemon = True
+    timer.start()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="every step on the CPU, tiny shapes, Triton's interpreter")
-    parser.add_argument("--budget-s", type=float, default=570, help="wall seconds for all steps (default 570)")
+    parser.add_argument("--budget-s", type=float, default=480,
+                        help="wall seconds from process start for all steps (default 480: one 10-minute command, with room)")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (dry: a temp dir)")
     args = parser.parse_args(argv)
+    if not args.dry and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("TRITON_INTERPRET is set: the Triton kernels would run in the CPU interpreter, not on the GPU; "
+                     "unset it (or use --dry)")
     if not args.dry and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU, and torch sees none; --dry runs every step on the CPU")
     args.out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="gpu_first_check_")) if args.dry else RESULTS_DIR)
@@ -277,15 +361,20 @@ def main(argv=None) -> None:
     title = (f"# First GPU check on {card}\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch "
              f"{torch.__version__}; every step below ran in this order under its own time limit.")
     log = ResultsLog(args.out_dir, card_stem("gpu_first_check", card), render(title))
-    deadline = time.monotonic() + args.budget_s
-    for step in STEPS:
-        name = step.__name__.removeprefix("step_")
-        left = deadline - time.monotonic()
-        if left < 5:
-            log.add(dict(step=name, skipped="no time left", wall_s=0.0))
-            continue
-        record = log.add(run_step(step, ctx, min(LIMITS.get(name, left), left)))
-        print(f"{name}: {record.get('error') or 'done'} ({record['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+    deadline = PROCESS_START + args.budget_s
+    start_watchdog(log, deadline + HARD_STOP_GRACE_S)
+    scale = DRY_LIMIT_SCALE if args.dry else 1
+    try:
+        for step in STEPS:
+            name = step.__name__.removeprefix("step_")
+            left = deadline - time.monotonic()
+            if left < 5:
+                log.add(dict(step=name, skipped="no time left", wall_s=0.0))
+                continue
+            record = log.add(run_step(step, ctx, min(scale * LIMITS.get(name, left), left)))
+            print(f"{name}: {record.get('error') or 'done'} ({record['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        ctx.close()
     print(f"written to {log.markdown} and {log.jsonl.name}")
 
 

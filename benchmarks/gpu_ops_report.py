@@ -1,8 +1,9 @@
 """How close the Triton ops come to the GPU's limits.
 
 Measures this card's device-to-device copy bandwidth and bf16 GEMM throughput, then each Triton
-op's achieved bandwidth and TFLOP/s as a fraction of those two ceilings. Every op is timed with
-one pair of CUDA events around many launches (no host synchronisation inside the timed region),
+op's achieved bandwidth and TFLOP/s as a fraction of those two ceilings. Every op is timed by
+benchmarks.helpers.time_calls (a warm-up on the same inputs, then >= 5 s of back-to-back launches
+between CUDA events),
 checked against the torch reference first, and caught and recorded as it ends:
 benchmarks/results/gpu_ops_<card>.jsonl (one record an op) and .md (regenerated each time).
 Microsecond ops are bound by the launch rate: their numbers are an upper bound on kernel time.
@@ -15,15 +16,19 @@ import sys
 
 import torch
 
-from benchmarks.helpers import RESULTS_DIR, ResultsLog, card_stem, caught, cuda_ms, markdown_table, matmul_flops_per_s
+from benchmarks.helpers import RESULTS_DIR, ResultsLog, card_stem, caught, markdown_table, matmul_flops_per_s, time_calls
 from moee_fast import ops
+
+
+def ms_per_call(fn) -> float:
+    return time_calls(fn, "cuda").seconds * 1e3
 
 
 def copy_bandwidth_gbs(n_bytes):
     """Device-to-device copy: every byte is read once and written once."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * n_bytes / cuda_ms(lambda: dst.copy_(src)) / 1e6
+    return 2 * n_bytes / ms_per_call(lambda: dst.copy_(src)) / 1e6
 
 
 def embeddings(n, hidden, rw_width, dtype):
@@ -54,7 +59,7 @@ def measure_gather(batch, tokens, n_layers, n_experts, dtype):
                         ops.gather_router_softmax(logits, rows, backend="torch"), 1e-5)
     n_bytes = batch * n_layers * n_experts * (logits[0].element_size() + 4) + rows.numel() * 8
     return dict(op="gather_router_softmax", shape=f"B={batch} of {batch * tokens} rows, L={n_layers}, E={n_experts}, {dtype}",
-                ms=cuda_ms(run), bytes=n_bytes, flops=0)
+                ms=ms_per_call(run), bytes=n_bytes, flops=0)
 
 
 def measure_cosine(n_a, n_b, hidden, rw_width, dtype):
@@ -66,7 +71,7 @@ def measure_cosine(n_a, n_b, hidden, rw_width, dtype):
     check_against_torch("combined_cosine", run(), ops.combined_cosine(a_hs, a_rw, b_hs, b_rw, backend="torch"), tol)
     width = hidden + rw_width
     return dict(op="combined_cosine", shape=f"{n_a}x{n_b}, H={hidden}, RW={rw_width}, {dtype}",
-                ms=cuda_ms(run), bytes=(n_a + n_b) * width * a_hs.element_size() + n_a * n_b * 4,
+                ms=ms_per_call(run), bytes=(n_a + n_b) * width * a_hs.element_size() + n_a * n_b * 4,
                 flops=2 * n_a * n_b * width)
 
 
@@ -78,7 +83,7 @@ def measure_topk(n_queries, n_corpus, hidden, rw_width, k, dtype):
     check_against_torch("topk_combined_cosine", run()[0], reference, 1e-4 if dtype == torch.float32 else 2e-2)
     width = hidden + rw_width
     return dict(op="topk_combined_cosine", shape=f"k={k}, {n_queries}x{n_corpus}, H={hidden}, RW={rw_width}, {dtype}",
-                ms=cuda_ms(run, reps=5, warmup=1), bytes=(n_queries + n_corpus) * width * q_hs.element_size(),
+                ms=ms_per_call(run), bytes=(n_queries + n_corpus) * width * q_hs.element_size(),
                 flops=2 * n_queries * n_corpus * width)
 
 

@@ -38,6 +38,7 @@ from benchmarks.helpers import (
     markdown_table,
     matmul_flops_per_s,
     max_row_relative_error,
+    time_calls,
 )
 from benchmarks.models import build_causal_lm, embedding_flops, full_size_configs, smoke_configs
 from benchmarks.reference_path import CAREFUL_BATCH, DeepseekCausalLM, careful_encode, reference_encode
@@ -50,19 +51,6 @@ def with_padding(tokenizer, side: str):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = side
     return tokenizer
-
-
-def timed(fn, device: torch.device):
-    """(result, seconds, peak GiB) of fn, synchronised on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return result, time.perf_counter() - start, peak
 
 
 def free_memory(device: torch.device) -> None:
@@ -99,10 +87,10 @@ class ModelBench:
         return self.log.add(record)
 
     def _time(self, path, encode, texts, lengths, computed_tokens) -> dict:
-        encode(texts[: self.args.warmup_texts])
-        (hs, rw), seconds, peak = timed(lambda: encode(texts), self.device)
+        timing = time_calls(lambda: encode(texts), self.device, self.args.min_seconds)
+        (hs, rw), seconds, peak = timing.result, timing.seconds, timing.peak_gib
         flops = self.flops(len(texts))
-        record = dict(seconds=seconds, computed_tokens=computed_tokens or sum(lengths), peak_gib=peak,
+        record = dict(seconds=seconds, timed_calls=timing.calls, computed_tokens=computed_tokens or sum(lengths), peak_gib=peak,
                       tokens_per_s=sum(lengths) / seconds, texts_per_s=len(texts) / seconds,
                       useful_tflops=flops / seconds / 1e12, mfu=flops / seconds / self.matmul)
         for name, (their_hs, their_rw) in self.embeddings.items():  # the other paths, on the rows both embedded
@@ -148,22 +136,25 @@ def bench_model(key: str, config, args, tokenizer, corpus: list[str], matmul: fl
     for other in (b for b in args.budgets if b != budget):
         bench.run("moee-fast", moee_encode(encoder, fastest, other), len(corpus), experts=fastest, token_budget=other)
 
-    vllm_dir = tempfile.mkdtemp(prefix="gpu_report_vllm_")
     reason = vllm_unavailable(device, config)
-    if reason is None:
-        lm.save_pretrained(vllm_dir)
-        tokenizer.save_pretrained(vllm_dir)
-    bench.base = None  # every FLOP count vLLM needs is cached: free the weights for its engine
-    del encoder, lm, base, careful
-    free_memory(device)
-    if reason is not None:
-        log.add(dict(model=label, path="vllm", skipped=reason))
-        log_line(log.records[-1])
-    else:
-        bench.run("vllm", lambda t: vllm_embed(vllm_dir, t, args), len(corpus), experts="vllm",
-                  note=f"its engine preallocates {args.vllm_memory:.0%} of the card (peak GiB is this process's)")
-        _VLLM.pop(vllm_dir, None)  # shuts its engine down before the next model is built
+    # A full-size checkpoint is 14-29 GB on a 64 GB disk: it lives only while vLLM runs on it.
+    with tempfile.TemporaryDirectory(prefix="gpu_report_vllm_") as vllm_dir:
+        if reason is None:
+            lm.save_pretrained(vllm_dir)
+            tokenizer.save_pretrained(vllm_dir)
+        bench.base = None  # every FLOP count vLLM needs is cached: free the weights for its engine
+        del encoder, lm, base, careful
         free_memory(device)
+        if reason is not None:
+            log.add(dict(model=label, path="vllm", skipped=reason))
+            log_line(log.records[-1])
+        else:
+            try:
+                bench.run("vllm", lambda t: vllm_embed(vllm_dir, t, args), len(corpus), experts="vllm",
+                          note=f"its engine preallocates {args.vllm_memory:.0%} of the card (peak GiB is this process's)")
+            finally:
+                _VLLM.pop(vllm_dir, None)  # shuts its engine down before the next model is built
+                free_memory(device)
 
 
 def moee_encode(encoder, experts: str, budget: int):
@@ -295,13 +286,14 @@ def parse_args(argv=None):
                         help="experts implementations timed for moee-fast at the default token budget")
     parser.add_argument("--budget", type=int, help="token budget they are compared at (default: the encoder's)")
     parser.add_argument("--budgets", type=_list(int), help="budgets swept with the fastest (default 16384,65536; smoke 256)")
-    parser.add_argument("--warmup-texts", type=int, help="texts encoded before each timed run (default 64; smoke 4)")
+    parser.add_argument("--min-seconds", type=float, help="timed work per figure, after a warm-up on the same texts "
+                        "(default 5; smoke 0: one timed call)")
     parser.add_argument("--matmul-size", type=int, help="side of the square matmul for MFU (default 8192; smoke 256)")
     parser.add_argument("--vllm-memory", type=float, default=0.5, help="vLLM's gpu_memory_utilization")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (smoke: a temp dir)")
     args = parser.parse_args(argv)
     defaults = dict(texts=(40, 2048), reference_texts=(16, 512), budgets=([256], [16384, 65536]),
-                    warmup_texts=(4, 64), matmul_size=(256, 8192))
+                    min_seconds=(0.0, 5.0), matmul_size=(256, 8192))
     for name, (smoke, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)

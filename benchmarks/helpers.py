@@ -1,15 +1,17 @@
-"""Helpers every benchmark shares: the matmul rate measured beside a timing, GPU timing with CUDA
-events, row relative error, random weights, markdown tables, and results kept run by run."""
+"""Helpers every benchmark shares: the matmul rate measured beside a timing, one timing helper
+(CUDA events on a GPU), row relative error, random weights, markdown tables, and results kept run by run."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,29 +19,60 @@ from torch import nn
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def cuda_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Mean milliseconds per call of fn on the current stream: one pair of CUDA events around
-    `reps` back-to-back launches, so no host synchronisation falls inside the timed region."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+class Timing(NamedTuple):
+    """What `time_calls` measured: fn's last result, mean seconds per call, timed calls, and the
+    allocator's peak GiB over them (CUDA only)."""
+
+    result: object
+    seconds: float
+    calls: int
+    peak_gib: float | None
+
+
+def time_calls(fn, device: torch.device | str, min_seconds: float = 5.0) -> Timing:
+    """The one timing helper of the benchmarks. fn runs once untimed on exactly the inputs that are
+    then timed (compiles, autotuning and allocator growth land there, not in the figure), then
+    back-to-back until at least `min_seconds` of timed work: on CUDA between pairs of events on the
+    current stream, so no host synchronisation of ours falls inside a timed region; elsewhere by
+    perf_counter. Short calls are batched from the rate measured so far."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    calls, elapsed, batch = 0, 0.0, 1
+    while True:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(batch):
+                result = fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            begin = time.perf_counter()
+            for _ in range(batch):
+                result = fn()
+            seconds = time.perf_counter() - begin
+        calls, elapsed = calls + batch, elapsed + seconds
+        if elapsed >= min_seconds:
+            break
+        per_call = max(elapsed / calls, 1e-7)
+        batch = max(1, min(100_000, math.ceil((min_seconds - elapsed) / per_call)))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return Timing(result, elapsed / calls, calls, peak)
 
 
 def matmul_flops_per_s(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
-                       repeats: int = 10) -> float:
+                       repeats: int = 10, min_seconds: float = 5.0) -> float:
     """The dense matmul rate of this machine right now, in FLOP/s: the ceiling useful FLOP/s are
-    judged against. CUDA: events around `repeats` launches; CPU: the median of timed calls."""
+    judged against. CUDA: `time_calls` over at least min_seconds; CPU: the median of `repeats` calls."""
     device = torch.device(device)
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     if device.type == "cuda":
-        return 2 * n**3 / (cuda_ms(lambda: a @ b, reps=repeats) / 1e3)
+        return 2 * n**3 / time_calls(lambda: a @ b, device, min_seconds).seconds
     for _ in range(2):
         a @ b
     times = []

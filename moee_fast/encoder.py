@@ -132,7 +132,7 @@ class MoEEncoder:
 
         with tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
             for batch, (batch_hs, batch_rw) in self._run_batches(ids, batch_size, scoring):
-                batch_hs, batch_rw = batch_hs.cpu(), batch_rw.cpu()
+                batch_hs, batch_rw = _to_host(batch_hs, batch_rw)
                 check_finite_rows(batch_hs, batch_rw, batch.indices)
                 index = torch.tensor(batch.indices)
                 hs[index], rw[index] = batch_hs, batch_rw
@@ -198,6 +198,20 @@ class MoEEncoder:
 
 
 # --------------------------------------------------------------------------------------------
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The batch's results on the CPU. From CUDA: non-blocking copies into pinned memory, then one
+    wait on an event after them (no implicit synchronisation inside torch's copies)."""
+    if not tensors[0].is_cuda:
+        return list(tensors)
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")

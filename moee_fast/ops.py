@@ -360,3 +360,130 @@ def _triton_topk_combined_cosine(q_hs, q_rw, c_hs, c_rw, k, alpha, corpus_tile, 
         candidates[:, :k] = top_values
         kept = k
     return values.masked_fill_(values == float("-inf"), float("nan")), indices
+
+
+_FUSED_MOE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fused_moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, shared=None, out=None,
+                      config=None):
+    """The routed experts (and optionally the shared expert) of one MoE layer in Triton: [T, H] ->
+    [T, H] = sum_k top_k_weights[t, k] * down[e](SiLU(gate[e] x) * up[e] x), e = top_k_index[t, k].
+
+    hidden_states [T, H] and the weights in bf16 or fp16 (accumulated in fp32); gate_up_proj
+    [E, 2I, H] (gate rows first), down_proj [E, H, I]; top_k_index integer [T, k] of ids in
+    [0, E) (not range-checked: the check would wait for the device; a router's top-k is in range);
+    top_k_weights float [T, k]. shared: (gate [Is, H], up [Is, H], down [H, Is], gate_value [T]
+    or None) for Qwen2-MoE's sigmoid-gated and DeepSeek's ungated shared experts. CUDA tensors
+    (CPU ones under TRITON_INTERPRET=1), no host synchronisation.
+    """
+    named = dict(hidden_states=hidden_states, top_k_index=top_k_index, top_k_weights=top_k_weights,
+                 gate_up_proj=gate_up_proj, down_proj=down_proj)
+    if shared is not None:
+        if not isinstance(shared, (tuple, list)) or len(shared) != 4:
+            raise ValueError("shared must be (gate [Is, H], up [Is, H], down [H, Is], gate_value [T] or None)")
+        named.update({f"shared[{i}] ({name})": t for i, (name, t) in enumerate(zip(("gate", "up", "down", "gate_value"), shared))
+                      if t is not None})
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    _check_one_device(named)
+    device, dtype = hidden_states.device, hidden_states.dtype
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"fused_moe_experts runs Triton kernels: CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    if dtype not in _FUSED_MOE_DTYPES:
+        raise ValueError(f"hidden_states must be bfloat16 or float16, got {dtype}")
+    if hidden_states.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(f"need hidden_states [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]; got "
+                         f"{tuple(hidden_states.shape)}, {tuple(gate_up_proj.shape)}, {tuple(down_proj.shape)}")
+    (n_tokens, hidden), (n_experts, two_i) = hidden_states.shape, gate_up_proj.shape[:2]
+    if two_i % 2 or gate_up_proj.shape[2] != hidden or tuple(down_proj.shape) != (n_experts, hidden, two_i // 2):
+        raise ValueError(f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} do not "
+                         f"fit hidden size {hidden}: need [E, 2I, {hidden}] and [E, {hidden}, I]")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != n_tokens or top_k_index.dtype.is_floating_point:
+        raise ValueError(f"top_k_index must be integer [{n_tokens}, k], got {top_k_index.dtype} {tuple(top_k_index.shape)}")
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape) or not top_k_weights.dtype.is_floating_point:
+        raise ValueError(f"top_k_weights must be float {tuple(top_k_index.shape)}, got {top_k_weights.dtype} "
+                         f"{tuple(top_k_weights.shape)}")
+    weights = {name: t for name, t in named.items() if name in ("gate_up_proj", "down_proj") or "shared" in name}
+    for name, t in weights.items():
+        if "gate_value" not in name and t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype}, hidden_states is {dtype}: the experts run in one dtype")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride along its last dimension, got strides {t.stride()}")
+    if shared is not None:
+        gate, up, down, gate_value = shared
+        size = gate.shape[0]
+        if tuple(gate.shape) != (size, hidden) or tuple(up.shape) != (size, hidden) or tuple(down.shape) != (hidden, size):
+            raise ValueError(f"shared gate {tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)} must be "
+                             f"[Is, {hidden}], [Is, {hidden}], [{hidden}, Is]")
+        if gate_value is not None and gate_value.numel() != n_tokens:
+            raise ValueError(f"shared gate_value must hold one value per token ({n_tokens}), got {tuple(gate_value.shape)}")
+    shape = (n_tokens, hidden)
+    if out is not None:
+        _check_out(out, shape, dtype, device)
+    out = torch.empty(shape, dtype=dtype, device=device) if out is None else out
+    if n_tokens == 0:
+        return out
+    from .kernels.fused_moe import fused_moe
+
+    if shared is not None and shared[3] is not None:
+        shared = (*shared[:3], shared[3].reshape(-1))
+    with _on_device(device):
+        return fused_moe(_row_contiguous(hidden_states), top_k_index.contiguous(), top_k_weights.contiguous(),
+                         gate_up_proj, down_proj, out, shared=shared, config=config)
+
+
+def _check_triton_device(device, op):
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"{op} runs a Triton kernel: CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """weight * RMSNorm(x (+ residual)) over the last dimension in one Triton pass, rounding as the
+    families' modules do (normalise in fp32, round, scale, round). With `residual`, returns
+    (normed, x + residual), the new residual stream; else normed. Inner dimension of unit stride."""
+    named = dict(x=x, weight=weight, **({} if residual is None else dict(residual=residual)))
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor")
+    _check_one_device(named)
+    _check_triton_device(x.device, "rms_norm")
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [{x.shape[-1]}] for x {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} must match x {x.dtype} {tuple(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = None if residual is None else torch.empty_like(out)
+    from .kernels.rms_norm import rms_norm as launch
+
+    with _on_device(x.device):
+        launch(rows, weight, float(eps), out.view(-1, x.shape[-1]),
+               None if residual is None else residual.reshape(-1, x.shape[-1]).contiguous(),
+               None if residual_out is None else residual_out.view(-1, x.shape[-1]))
+    return out if residual is None else (out, residual_out)
+
+
+def rotary_(q, k, cos, sin):
+    """Rotary embedding applied in place to q and k ([1, heads, N, D] views, the packed layout),
+    cos and sin [1, N, D]; returns (q, k). One Triton launch each, no copies."""
+    for name, t in dict(q=q, k=k, cos=cos, sin=sin).items():
+        if not isinstance(t, torch.Tensor) or t.dim() != (3 if name in ("cos", "sin") else 4) or t.shape[0] != 1:
+            raise ValueError(f"{name} must be a tensor [1, ...] of the packed layout")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride along its last dimension")
+    _check_one_device(dict(q=q, k=k, cos=cos, sin=sin))
+    _check_triton_device(q.device, "rotary_")
+    n, dim = q.shape[2], q.shape[3]
+    if dim % 2 or k.shape[2:] != (n, dim) or cos.shape[1:] != (n, dim) or sin.shape[1:] != (n, dim):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} "
+                         "disagree on tokens or an even head size")
+    from .kernels.rotary import rotary_ as launch
+
+    with _on_device(q.device):
+        for x in (q, k):
+            launch(x[0].transpose(0, 1), cos[0], sin[0])
+    return q, k

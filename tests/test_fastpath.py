@@ -11,7 +11,10 @@ from torch import nn
 from moee_fast import MoEEncoder, fastpath
 from moee_fast.adapters import adapter_for
 from moee_fast.fastpath import PARTS, state
+
 from conftest import random_texts, reference_embeddings, relative_error
+
+CPU_PARTS = set(PARTS) - {"fused_experts"}  # the fused Triton experts admit CUDA weights only
 
 
 def _load(path):
@@ -48,7 +51,7 @@ def test_install_then_remove_leaves_a_model_whose_forward_equals_a_fresh_copys_b
     input_ids = torch.tensor([tokenizer(random_texts(1, seed=2)[0])["input_ids"]])
 
     handles = [fastpath.install(model), fastpath.install(copy.deepcopy(model))]  # two models share the registries
-    assert handles[0].parts == set(PARTS) and "forward" in vars(model.norm)
+    assert handles[0].parts == CPU_PARTS and "forward" in vars(model.norm)
     with pytest.raises(RuntimeError, match="enc.fast_path.remove"):  # packed attention needs the encoder's layout
         model(input_ids=input_ids)
     handles[0].remove()
@@ -85,7 +88,7 @@ def test_each_part_switched_off_alone_still_gives_the_same_embeddings(checkpoint
     every = MoEEncoder.from_pretrained(path, device="cpu").encode(texts, batch_size=4)
     for parts in [set(PARTS) - {part} for part in PARTS] + ["none"]:
         enc = MoEEncoder.from_pretrained(path, device="cpu", fast_path=parts)
-        assert enc.fast_path.parts == (set() if parts == "none" else parts)
+        assert enc.fast_path.parts == (set() if parts == "none" else parts & CPU_PARTS)
         out = enc.encode(texts, batch_size=4)
         assert not out.hs.isnan().any() and not out.rw.isnan().any()
         assert relative_error(out.hs, every.hs).max() <= 1e-5, parts

@@ -7,6 +7,7 @@ NaN-poisoned before the kernels write them.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,54 @@ def test_compiled_kernels_in_a_fresh_process():
                             text=True, timeout=1800)
     print(result.stdout[-4000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    # A child whose tests all skipped (no GPU seen, say) also exits 0: only this test may skip there.
+    summary = result.stdout.strip().splitlines()[-1]
+    passed, skipped = (int(m.group(1)) if m else 0 for m in (re.search(rf"(\d+) {w}", summary) for w in ("passed", "skipped")))
+    assert passed > 0 and skipped == 1, summary
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n_experts", "top_k", "n_tokens"), [(64, 8, 1000), (60, 4, 77), (160, 6, 3), (8, 2, 4096)])
+def test_compiled_fused_moe_matches_float64(n_experts, top_k, n_tokens, dtype):
+    generator = fresh_generator()
+    hidden, intermediate = 1024, 352
+    x = torch.randn(n_tokens, hidden, generator=generator, device="cuda").to(dtype)
+    weights, index = torch.softmax(torch.randn(n_tokens, n_experts, generator=generator, device="cuda"), -1).topk(top_k, -1)
+    gate_up = (torch.randn(n_experts, 2 * intermediate, hidden, generator=generator, device="cuda") / hidden**0.5).to(dtype)
+    down = (torch.randn(n_experts, hidden, intermediate, generator=generator, device="cuda") / intermediate**0.5).to(dtype)
+    out = torch.full((n_tokens, hidden), float("nan"), dtype=dtype, device="cuda")
+    ops.fused_moe_experts(x, index, weights, gate_up, down, out=out)
+    expected = torch.zeros(n_tokens, hidden, dtype=torch.float64, device="cuda")
+    for e in range(n_experts):
+        token, slot = (index == e).nonzero(as_tuple=True)
+        h = x[token].double() @ gate_up[e].double().T
+        y = (torch.nn.functional.silu(h[:, :intermediate]) * h[:, intermediate:]) @ down[e].double().T
+        expected.index_add_(0, token, y * weights[token, slot, None].double())
+    assert not out.isnan().any()
+    error = ((out.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    assert error <= (2e-2 if dtype == torch.bfloat16 else 4e-3), error
+
+
+@compiled
+def test_compiled_rms_norm_and_rotary_match_float64():
+    generator = fresh_generator()
+    x, residual = (torch.randn(1, 777, 2048, generator=generator, device="cuda").to(torch.bfloat16) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(2048, generator=generator, device="cuda")).to(torch.bfloat16)
+    normed, stream = ops.rms_norm(x, weight, 1e-6, residual=residual)
+    s64 = (x + residual).double()
+    expected = weight.double() * s64 / s64.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    assert torch.equal(stream, x + residual)
+    assert (normed.double() - expected).abs().max() <= 1.6e-2 * expected.abs().max()
+    q = torch.randn(1, 777, 16, 128, generator=generator, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 777, 4, 128, generator=generator, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    angles = torch.randn(1, 777, 64, generator=generator, device="cuda")
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    expected = [t.double() * cos[:, None].double() + torch.cat([-t[..., 64:], t[..., :64]], -1).double() * sin[:, None].double()
+                for t in (q, k)]
+    ops.rotary_(q, k, cos, sin)
+    for t, e in zip((q, k), expected):
+        assert (t.double() - e).abs().max() <= 1.6e-2 * e.abs().max()
 
 
 @compiled

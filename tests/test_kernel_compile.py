@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
-    from moee_fast.kernels import combined_cosine, gather_router_softmax
+    from moee_fast.kernels import combined_cosine, fused_moe, gather_router_softmax, moe_align, moe_gemm, moe_sum, rms_norm, rotary
 
     def compile_report(kernel, types, constants, num_warps, num_stages=3):
         names = [p.name for p in kernel.params]
@@ -54,9 +54,52 @@ SCRIPT = textwrap.dedent(r"""
         block_b, block_e = gather_router_softmax._block_sizes(4096, n_experts)
         types = {"first_logits": "*bf16", "pointer_table": "*i64", "stride_table": "*i64", "rows": "*i64",
                  "out": "*fp32", "block_offset": "i32", "layer_offset": "i32"}
-        constants = dict(FROM_TABLE=True, BLOCK_B=block_b, BLOCK_E=block_e)
-        cases[f"gather_router_softmax E={n_experts}"] = compile_report(
-            gather_router_softmax._gather_router_softmax_kernel, types, constants, 4)
+        for from_table in (True, False):  # False: the encoder's per-layer call, no pointer table
+            constants = dict(FROM_TABLE=from_table, BLOCK_B=block_b, BLOCK_E=block_e)
+            if not from_table:
+                constants.update(pointer_table=None, stride_table=None)
+            cases[f"gather_router_softmax E={n_experts}{'' if from_table else ' one layer'}"] = compile_report(
+                gather_router_softmax._gather_router_softmax_kernel, types, constants, 4)
+    # Fused MoE: every variant the experts path launches, with every tiling the shipped table holds.
+    for element in ("bf16", "fp16"):
+        shipped = {json.dumps(c, sort_keys=True) for rows in fused_moe.config_table().values() for _, c in rows}
+        shipped |= {json.dumps(c, sort_keys=True) for c in (fused_moe.DEFAULT_CONFIG, fused_moe.SMALL_BATCH_CONFIG)}
+        for tiles_name in sorted(shipped):
+            tiles = json.loads(tiles_name)
+            options = (tiles.pop("num_warps"), tiles.pop("num_stages"))
+            for step, flags in (("gate_up", dict(GATED=True, GATHER_A=True, SCATTER_C=False, WEIGHTED=True)),
+                                ("down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=True)),
+                                ("shared down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=False))):
+                flags = dict(flags, UPCAST=False, stride_bk=1, **tiles)
+                if step == "gate_up":  # the gate_up launch passes no weights
+                    flags.update(WEIGHTED=False, pair_weights=None)
+                if not flags["WEIGHTED"]:
+                    flags["pair_weights"] = None
+                types = {**{p: "*" + element for p in ("a", "b", "b_up", "c")}, "sorted_pairs": "*i32",
+                         "expert_of_block": "*i32", "padded_total": "*i32", "pair_weights": "*fp32",
+                         **{p: "i32" for p in ("n_cols", "k_dim", "n_pairs", "top_k", "max_blocks")}}
+                cases[f"moe_gemm {step} {element} {tiles_name}"] = compile_report(moe_gemm._moe_gemm_kernel, types, flags, *options)
+        types = {"rows": "*" + element, "shared": "*" + element, "out": "*" + element}
+        cases[f"moe_sum {element}"] = compile_report(moe_sum._moe_sum_kernel, types, dict(TOP_K=8, HAS_SHARED=True, BLOCK_N=1024), 4)
+    types = {"expert_of_pair": "*i64", "counts": "*i32", "rank_of_pair": "*i32", "padded_start": "*i32",
+             "sorted_pairs": "*i32", "padded_total": "*i32", "expert_of_block": "*i32", "n_pairs": "i32", "n_experts": "i32",
+             "max_blocks": "i32"}
+    cases["moe_align count"] = compile_report(moe_align._count_kernel, types, dict(BLOCK=1024), 4)
+    cases["moe_align offsets E=160"] = compile_report(moe_align._offsets_kernel, types, dict(BLOCK_M=64, BLOCK_E=256, BLOCK_BLOCKS=16), 8)
+    cases["moe_align scatter"] = compile_report(moe_align._scatter_kernel, types, dict(BLOCK=1024), 4)
+    for element in ("bf16", "fp16"):
+        for width in (2048, 4096):
+            for residual in (False, True):
+                types = {p: "*" + element for p in ("x", "residual", "weight", "out", "residual_out")}
+                flags = dict(ADD_RESIDUAL=residual, BLOCK=width, stride_residual=0, stride_residual_out=0)
+                if not residual:
+                    flags.update(residual=None, residual_out=None)
+                else:
+                    flags = dict(ADD_RESIDUAL=True, BLOCK=width)
+                cases[f"rms_norm {element} H={width}{' + residual' if residual else ''}"] = compile_report(
+                    rms_norm._rms_norm_kernel, {**types, "eps": "fp32"}, flags, 4 if width <= 4096 else 8)
+        types = {"x": "*" + element, "cos": "*" + element, "sin": "*" + element, "n_heads": "i32"}
+        cases[f"rotary {element} D=128"] = compile_report(rotary._rotary_kernel, types, dict(HALF=64, BLOCK_H=16, BLOCK_D=64), 4)
     print(json.dumps(cases))
 """)
 
@@ -80,8 +123,15 @@ def test_cosine_kernels_use_tensor_cores_except_at_ieee_precision(sm90_reports):
     assert not sm90_reports["combined_cosine fp32 ieee"]["tensor_cores"]
 
 
+def test_fused_moe_gemms_use_tensor_cores(sm90_reports):
+    gemms = [name for name in sm90_reports if name.startswith("moe_gemm")]
+    assert len(gemms) >= 12
+    for name in gemms:
+        assert sm90_reports[name]["tensor_cores"], name
+
+
 def test_no_kernel_spills_registers_on_sm90(sm90_reports):
-    assert len(sm90_reports) == 9
+    assert len(sm90_reports) >= 14 + 12 + 2 + 3 + 10 and sum("one layer" in name for name in sm90_reports) == 5
     for name, report in sm90_reports.items():
         assert report["spill_bytes"] == 0, f"{name}: {report}"
         assert 0 < report["registers"] <= 255, f"{name}: {report}"

@@ -7,7 +7,8 @@ entry point.
     handle.remove()                        # the model, transformers' registries and module
                                            # globals exactly as they were
 
-Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py), `norms`
+Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py, CPU),
+`fused_experts` (fused_experts.py, CUDA), `norms`
 (norms.py), `linears` (linears.py), `rotary` (rotary.py), `trim` (the last layer on the last
 tokens, trim.py). Given the MoE routers, `install` also holds the router tap (router_tap.py), the
 hooks that keep each layer's last-token router rows; it is not optional, as RW needs it. Each
@@ -22,12 +23,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from . import attention, experts, linears, norms, rotary, router_tap, state, trim
+from . import attention, experts, fused_experts, linears, norms, rotary, router_tap, state, trim
 from .patching import PartReport
 
 _INSTALLERS = {
     "attention": attention.install,
     "experts": experts.install,
+    "fused_experts": fused_experts.install,  # the experts on CUDA
     "norms": norms.install,
     "linears": linears.install,
     "rotary": rotary.install,

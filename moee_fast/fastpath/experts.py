@@ -81,11 +81,10 @@ def sorted_experts_loop(self, hidden_states, top_k_index, top_k_weights, gate_up
 
 def install(model: nn.Module) -> PartReport:
     """Run every experts module through `sorted_experts_forward` (registered as "moee_sorted"), on
-    CPU only: on CUDA transformers' own grouped kernels run the experts. The implementation is
+    CPU only: on CUDA the fused_experts part (fused_experts.py) runs them. The implementation is
     chosen per model, so one unpatchable experts module keeps the whole model on its own; quantized
     experts (moee_fast.loading.quantization) run the same loop through their own forward, and are
     named in the report."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     report = PartReport("experts", f"{NAME} (C++ moe_experts on fp32 CPU, per-expert torch loop otherwise)")
     found = [(name, m) for name, m in model.named_modules() if _is_experts(m)]
@@ -100,13 +99,21 @@ def install(model: nn.Module) -> PartReport:
             report.skip(reason, name)
     if not found and not report.skipped:
         report.skip("no stacked experts modules (gate_up_proj, down_proj)")
+    return use_experts_implementation(model, report, NAME, sorted_experts_forward, found)
+
+
+def use_experts_implementation(model: nn.Module, report: PartReport, name: str, forward, found) -> PartReport:
+    """Register `forward` as transformers experts implementation `name` and switch the model to it,
+    unless the report skipped a module (the implementation is chosen per model); undone by the report."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
     if report.skipped or not hasattr(model, "set_experts_implementation"):
         return report
     before = model.config._experts_implementation
-    report.undo.append(hold(type(ALL_EXPERTS_FUNCTIONS)._global_mapping, NAME, sorted_experts_forward))
-    model.set_experts_implementation(NAME)
+    report.undo.append(hold(type(ALL_EXPERTS_FUNCTIONS)._global_mapping, name, forward))
+    model.set_experts_implementation(name)
     report.undo.append(lambda: model.set_experts_implementation(before))
-    report.applied.extend(name for name, _ in found)
+    report.applied.extend(module_name for module_name, _ in found)
     return report
 
 

@@ -37,6 +37,10 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if cpp_applies(hidden_states, self.weight):
             return torch.ops.moee_fast.rms_norm(hidden_states, self.weight, eps)
         return F.rms_norm(hidden_states, shape, self.weight, eps)
+    if hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden_states.dtype:
+        from .. import ops
+
+        return ops.rms_norm(hidden_states, self.weight, eps)  # one Triton pass for torch's four
     # Other dtypes round as the modules do: normalise in fp32, cast, then scale.
     return self.weight * F.rms_norm(hidden_states.float(), shape, None, eps).to(hidden_states.dtype)
 

@@ -42,11 +42,28 @@ def _takes(q, k, cos, sin, args, kwargs) -> bool:
     )
 
 
+def _takes_cuda(q, k, cos, sin, args, kwargs) -> bool:
+    """The packed encoder layout on CUDA: [1, heads, N, D] q and k, [1, N, D] cos and sin."""
+    if args or any(key != "unsqueeze_dim" or value != 1 for key, value in kwargs.items()):
+        return False
+    tensors = (q, k, cos, sin)
+    return (
+        all(isinstance(t, torch.Tensor) and t.is_cuda and t.stride(-1) == 1 for t in tensors)
+        and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3
+        and q.shape[0] == k.shape[0] == cos.shape[0] == 1 and q.shape[-1] % 2 == 0
+        and not torch.is_grad_enabled()
+    )
+
+
 def _wrap(original):
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if state.current() is not None and _takes(q, k, cos, sin, args, kwargs):
             return torch.ops.moee_fast.rotary(q, k, cos, sin)
+        if state.current() is not None and _takes_cuda(q, k, cos, sin, args, kwargs):
+            from .. import ops
+
+            return ops.rotary_(q, k, cos, sin)  # in place: the projections' views are not read again
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.moee_fast_original = original

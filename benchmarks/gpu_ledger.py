@@ -1,0 +1,187 @@
+"""Per-layer ledger of the CUDA forward: kernel launches and HBM bytes per token per decoder layer,
+each kernel's bytes derived from the tensors it reads and writes, for moee-fast's CUDA path and
+beside it vLLM's design (fused add+RMSNorm, in-place rotary, fused MoE with tuned tiles), on the
+published OLMoE, Qwen1.5-MoE, DeepSeekMoE and Mixtral shapes in bf16.
+
+Counted per token: activations only. GEMM weights are read once per batch whatever its size, so
+they are listed apart, per token at a batch of BATCH_TOKENS tokens. "glue" is every byte outside
+the GEMMs' own operands (their activation inputs and outputs): normalisation, rotary, copies,
+gathers, the routing softmax and top-k, the MoE alignment and sum. The attention kernel's own
+reads and writes are counted as a GEMM's (flash attention keeps scores on chip). No kernel here is
+timed: this is arithmetic over shapes, the part of the design a CPU can check.
+
+Run anywhere:  python -m benchmarks.gpu_ledger   (writes benchmarks/results/gpu_ledger.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.helpers import RESULTS_DIR, markdown_table
+
+BATCH_TOKENS = 16384
+BF16, FP32, INDEX = 2, 4, 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+    intermediate: int
+    shared_intermediate: int = 0  # 0: no shared expert
+    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    qk_norm: bool = False  # OLMoE's RMSNorm over the whole q and k projections
+
+
+SHAPES = {
+    "OLMoE-1B-7B": Shape(2048, 16, 16, 128, 64, 8, 1024, qk_norm=True),
+    "Qwen1.5-MoE-A2.7B": Shape(2048, 16, 16, 128, 60, 4, 1408, shared_intermediate=5632, shared_gate=True),
+    "DeepSeekMoE-16B": Shape(2048, 16, 16, 128, 64, 6, 1408, shared_intermediate=2816),
+    "Mixtral-8x7B": Shape(4096, 32, 8, 128, 8, 2, 14336),
+}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    reads: float  # bytes per token
+    writes: float
+    gemm: bool = False  # its reads and writes are a GEMM's (or attention's) own operands
+    launches: int = 1
+
+
+def rms_norm(width: int, label: str) -> list[Kernel]:
+    """ops.rms_norm: one pass (the norms part on bf16/fp16 CUDA)."""
+    return [Kernel(f"{label}: RMSNorm (one pass)", BF16 * width, BF16 * width)]
+
+
+def attention_block(s: Shape, design: str) -> list[Kernel]:
+    """moee-fast: fused norms, residual adds apart, rotary in place, q/k/v made contiguous for
+    varlen_attn; vLLM: residual add fused into each norm, one qkv GEMM."""
+    q, kv, h = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden
+    vllm = design == "vLLM"
+    kernels = [Kernel("residual add + input norm (fused)", 2 * BF16 * h, 2 * BF16 * h)] if vllm else rms_norm(h, "input norm")
+    kernels.append(Kernel("qkv projection" if vllm else "q, k, v projections", BF16 * h * (1 if vllm else 3),
+                          BF16 * (q + 2 * kv), gemm=True, launches=1 if vllm else 3))
+    if s.qk_norm:
+        kernels += rms_norm(q, "q norm") + rms_norm(kv, "k norm")
+    kernels.append(Kernel("rotary q, k in place", BF16 * (q + kv) + 4 * BF16 * s.head_dim, BF16 * (q + kv),
+                          launches=1 if vllm else 2))
+    if not vllm:
+        kernels.append(Kernel("q, k, v .contiguous() copies for varlen_attn", BF16 * (q + 2 * kv), BF16 * (q + 2 * kv), launches=3))
+    kernels.append(Kernel("varlen flash attention", BF16 * (q + 2 * kv), BF16 * q, gemm=True))
+    kernels.append(Kernel("o projection", BF16 * q, BF16 * h, gemm=True))
+    if vllm:
+        return kernels + [Kernel("residual add + post-attention norm (fused)", 2 * BF16 * h, 2 * BF16 * h)]
+    return kernels + [Kernel("residual add", 2 * BF16 * h, BF16 * h)] + rms_norm(h, "post-attention norm")
+
+
+def routing(s: Shape, with_rw: bool) -> list[Kernel]:
+    e, k = s.experts, s.top_k
+    kernels = [Kernel("router GEMM", BF16 * s.hidden, BF16 * e, gemm=True),
+               Kernel("softmax + top-k (fp32)", BF16 * e, k * (FP32 + INDEX), launches=2)]
+    if with_rw:  # moee-fast's RW: the last token's row only, one launch per layer
+        kernels.append(Kernel("RW gather + softmax (last tokens only)", 0, 0))
+    return kernels
+
+
+def fused_moe(s: Shape, label: str) -> list[Kernel]:
+    """The fused MoE of kernels/fused_moe.py (and vLLM's, which has the same data flow)."""
+    h, i, k = s.hidden, s.intermediate, s.top_k
+    kernels = [Kernel(f"{label}: align (memset, count, offsets, scatter)", 2 * k * INDEX, 2 * k * INDEX, launches=4),
+               Kernel(f"{label}: gate_up GEMM, SiLU * up fused", k * BF16 * h, k * BF16 * i, gemm=True),
+               Kernel(f"{label}: down GEMM, routing weight fused", k * (BF16 * i + FP32), k * BF16 * h, gemm=True),
+               Kernel(f"{label}: sum over top-k (+ shared row)", (k + (1 if s.shared_intermediate else 0)) * BF16 * h,
+                      BF16 * h)]
+    if s.shared_intermediate:
+        si = s.shared_intermediate
+        kernels += [Kernel("shared expert: align (one expert)", 2 * INDEX, 2 * INDEX, launches=4),
+                    Kernel("shared expert: gate_up GEMM", BF16 * h, BF16 * si, gemm=True),
+                    Kernel("shared expert: down GEMM", BF16 * si, BF16 * h, gemm=True)]
+        if s.shared_gate:
+            kernels += [Kernel("shared gate GEMV + sigmoid", BF16 * h, BF16, launches=2)]
+    return kernels
+
+
+def moe_block(s: Shape, design: str) -> list[Kernel]:
+    if design == "vLLM":
+        kernels = routing(s, with_rw=False) + fused_moe(s, "fused MoE")
+        return kernels + [Kernel("residual add (fused into the next norm)", 0, 0, launches=0)]
+    kernels = routing(s, with_rw=True) + fused_moe(s, "fused MoE")
+    if s.shared_intermediate:  # the shared expert still runs as the model's own MLP, added by torch
+        si = s.shared_intermediate
+        kernels = [k for k in kernels if not k.name.startswith("shared") and "+ shared row" not in k.name]
+        kernels += [Kernel("shared MLP: gate, up GEMMs", 2 * BF16 * s.hidden, 2 * BF16 * si, gemm=True, launches=2),
+                    Kernel("shared MLP: SiLU, multiply", 2 * BF16 * si, BF16 * si, launches=2),
+                    Kernel("shared MLP: down GEMM", BF16 * si, BF16 * s.hidden, gemm=True),
+                    Kernel("shared: add to routed", 2 * BF16 * s.hidden, BF16 * s.hidden)]
+        if s.shared_gate:
+            kernels += [Kernel("shared gate GEMV, sigmoid, multiply", 2 * BF16 * s.hidden, BF16 * s.hidden, launches=3)]
+    return kernels + [Kernel("residual add", 2 * BF16 * s.hidden, BF16 * s.hidden)]
+
+
+def weights_per_token(s: Shape) -> float:
+    """Weight bytes per token at BATCH_TOKENS: attention, router, the experts hit at that batch
+    (every one, at these sizes), the shared expert."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attention = s.hidden * (q + 2 * kv) + q * s.hidden
+    experts = s.experts * 3 * s.hidden * s.intermediate + 3 * s.hidden * s.shared_intermediate
+    return BF16 * (attention + s.hidden * s.experts + experts) / BATCH_TOKENS
+
+
+DESIGNS = {
+    "moee-fast CUDA": lambda s: attention_block(s, "moee-fast") + moe_block(s, "moee-fast"),
+    "vLLM": lambda s: attention_block(s, "vLLM") + moe_block(s, "vLLM"),
+}
+
+
+def ledger() -> list[dict]:
+    rows = []
+    for model, shape in SHAPES.items():
+        for design, kernels_of in DESIGNS.items():
+            kernels = kernels_of(shape)
+            glue = sum(k.reads + k.writes for k in kernels if not k.gemm)
+            gemm = sum(k.reads + k.writes for k in kernels if k.gemm)
+            moe = moe_block(shape, "vLLM" if design == "vLLM" else "moee-fast")
+            rows.append(dict(model=model, design=design, launches=sum(k.launches for k in kernels),
+                             moe_launches=sum(k.launches for k in moe),
+                             glue_mb=glue / 1e6, gemm_activation_mb=gemm / 1e6,
+                             weights_mb=weights_per_token(shape) / 1e6, kernels=kernels))
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    header = ["model", "design", "launches / layer", "of which MoE block", "glue MB / token / layer", "GEMM activations MB",
+              f"weights MB / token (batch {BATCH_TOKENS})"]
+    table = [[r["model"], r["design"], r["launches"], r["moe_launches"], f"{r['glue_mb']:.3f}", f"{r['gemm_activation_mb']:.3f}",
+              f"{r['weights_mb']:.3f}"] for r in rows]
+    lines = ["# Per-layer ledger of the CUDA forward (bf16, per token, one decoder layer)", "",
+             (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
+             *markdown_table(header, table), ""]
+    for r in rows:
+        lines += [f"## {r['model']}: {r['design']}", ""]
+        lines += markdown_table(["kernel", "launches", "read B/token", "write B/token", "GEMM operand"],
+                                [[k.name, k.launches, f"{k.reads:,.0f}", f"{k.writes:,.0f}", "yes" if k.gemm else ""]
+                                 for k in r["kernels"]])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "gpu_ledger.md")
+    args = parser.parse_args(argv)
+    text = render(ledger())
+    args.out.write_text(text)
+    print(text.split("\n## ")[0])
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
