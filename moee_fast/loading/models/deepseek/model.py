@@ -30,8 +30,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils.output_capturing import OutputRecorder
 
-from ..checkpoint import NO_REMOTE_CODE, check_weight_files, weight_files
-from ..quantization import needs_quantized_weight, quantize_linears, store_quantized
+from ...checkpoint import NO_REMOTE_CODE, check_weight_files, weight_files
+from ...quantization import needs_quantized_weight, quantize_linears, store_quantized
 
 # The router scoring functions this implementation computes: the subset of
 # moee_fast.adapters.registry.SCORING_FUNCTIONS that DeepSeekMoE v1 checkpoints use.
