@@ -123,17 +123,15 @@ class DeepseekCausalLM(torch.nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str, dtype, device):
         """Base model through moee-fast's loader, LM head read from the checkpoint's shards."""
-        import json
-        import os
-
         from safetensors import safe_open
 
+        from moee_fast.loading.checkpoint import weight_files
         from moee_fast.loading.models import load_deepseek
 
         base = load_deepseek(path, config=None, dtype=dtype, device=torch.device(device))
-        index = os.path.join(path, "model.safetensors.index.json")
-        shard = json.load(open(index))["weight_map"]["lm_head.weight"] if os.path.isfile(index) else "model.safetensors"
-        with safe_open(os.path.join(path, shard), framework="pt") as f:
+        _, files = weight_files(path)
+        shard = next(file for file, names in files.items() if names is None or "lm_head.weight" in names)
+        with safe_open(shard, framework="pt") as f:
             weight = f.get_tensor("lm_head.weight").to(dtype)
         lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
         lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)

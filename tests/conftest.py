@@ -7,6 +7,7 @@ import os
 # Triton kernels run in its CPU interpreter here; this must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
@@ -121,6 +122,19 @@ def reference_embeddings(path: str, texts: list[str], prompt: str | None = None)
             hs.append(out.hidden_states[-1][0, -1])
             rw.append(torch.stack([torch.softmax(logits[-1].float(), dim=-1) for logits in out.router_logits]))
     return torch.stack(hs), torch.stack(rw)
+
+
+def write_corpus_files(directory, texts):
+    """The texts spread over a .txt, a .jsonl and a .parquet file in `directory` (the corpus
+    readers' three formats); returns their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    third = len(texts) // 3
+    (directory / "a.txt").write_text("\n".join(texts[:third]) + "\n", encoding="utf-8")
+    (directory / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[third : 2 * third]))
+    pq.write_table(pa.table({"text": texts[2 * third :]}), directory / "c.parquet")
+    return [str(directory / name) for name in ("a.txt", "b.jsonl", "c.parquet")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,44 +3,13 @@
 import pytest
 import torch
 
+from kernel_references import ATTENTION_CASES, attention_inputs, float64_attention
 from moee_fast import ops
 
 pytestmark = pytest.mark.skipif("cpp" not in ops.available_backends(), reason="C++ extension not built")
 
 
-def float64_attention(q, k, v, lengths, scale, window):
-    heads, kv_heads = q.shape[1], k.shape[1]
-    out, start = [], 0
-    for n in lengths:
-        qi, ki, vi = (x[start : start + n].double().transpose(0, 1) for x in (q, k, v))
-        ki, vi = (x.repeat_interleave(heads // kv_heads, dim=0) for x in (ki, vi))
-        i = torch.arange(n)
-        distance = i[:, None] - i[None, :]
-        allowed = (distance >= 0) & (distance < (window or max(n, 1)))
-        scores = (qi @ ki.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-        out.append((scores.softmax(-1) @ vi).transpose(0, 1))
-        start += n
-    return torch.cat(out)
-
-
-CASES = [  # lengths, heads, kv_heads, dim, window
-    ([1, 17, 5, 31, 2], 4, 4, 64, 0),  # short texts, the common case
-    ([70, 130, 3], 4, 2, 24, 0),  # grouped-query heads; several query blocks per text
-    ([200, 1, 99], 2, 1, 128, 5),  # sliding window, head_dim of two 64-wide slices
-    ([300], 3, 3, 72, 0),  # head_dim with a remainder slice
-    ([0, 9, 0, 4], 2, 2, 20, 1),  # empty texts, head_dim not a multiple of 8, window of one
-]
-
-
-def attention_inputs(lengths, heads, kv_heads, dim):
-    g = torch.Generator().manual_seed(sum(lengths))
-    n = sum(lengths)
-    q = torch.randn(n, heads, dim, generator=g) * 2
-    k, v = (torch.randn(n, kv_heads, dim, generator=g) for _ in range(2))
-    return q, k, v, torch.tensor([0] + lengths).cumsum(0)
-
-
-@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", CASES)
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", ATTENTION_CASES)
 def test_matches_float64(lengths, heads, kv_heads, dim, window):
     q, k, v, cu = attention_inputs(lengths, heads, kv_heads, dim)
     out = torch.ops.moee_fast.packed_causal_attention(q, k, v, cu, 0.3, window)

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on the CPU (tiny shapes), record every outcome as it
-comes, and compare moee-fast with both baselines."""
+comes, and compare moee-fast with both baselines; the baselines (benchmarks/reference_path.py)
+and the random checkpoints they run on (benchmarks/models.py) compute what moee-fast computes."""
 
 import json
 import math
@@ -14,6 +15,10 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from benchmarks.helpers import ResultsLog, caught, markdown_table, max_row_relative_error
+from benchmarks.models import build_checkpoint, scaled_configs
+from benchmarks.reference_path import careful_encode, load_careful_model, load_reference_model, reference_encode
+from conftest import random_texts, relative_error
+from moee_fast import MoEEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,3 +235,63 @@ def test_gpu_ledger_counts_every_kernel_of_each_design_for_the_four_shapes(tmp_p
     assert gate_up.writes == 8 * 1024 * 2 and gate_up.gemm
     gpu_ledger.main(["--out", str(tmp_path / "ledger.md")])
     assert "| OLMoE-1B-7B | vLLM |" in (tmp_path / "ledger.md").read_text()
+
+
+# --- the baselines and the benchmark checkpoints ------------------------------------------------
+
+BASELINE_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "deepseek"]
+
+
+@pytest.fixture(scope="module")
+def two_layer_checkpoint(tmp_path_factory):
+    """The benchmark shapes per layer; two layers keep the tests quick."""
+    root = str(tmp_path_factory.mktemp("bench-2-layers"))
+    return lambda family: build_checkpoint(family, root, config=scaled_configs(num_hidden_layers=2)[family])
+
+
+@pytest.mark.parametrize("family", BASELINE_FAMILIES)
+def test_fast_path_equals_the_reference_path_on_benchmark_configs(two_layer_checkpoint, family):
+    path = two_layer_checkpoint(family)
+    texts = random_texts(10, seed=21, max_words=90)
+    ours = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    model, tokenizer = load_reference_model(path)
+    ref_hs, ref_rw = reference_encode(model, tokenizer, texts, batch_size=4)  # left-padded batches
+    assert relative_error(ours.hs, ref_hs).max() <= 1e-4
+    assert relative_error(ours.rw, ref_rw).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", BASELINE_FAMILIES)
+def test_careful_loop_equals_the_fast_path_in_input_order(two_layer_checkpoint, family):
+    path = two_layer_checkpoint(family)
+    texts = random_texts(11, seed=22, max_words=90)  # 11 texts, batches of 4: a short last batch
+    ours = MoEEncoder.from_pretrained(path, device="cpu").encode(texts)
+    model, tokenizer = load_careful_model(path)
+    config = getattr(model, "config", None) or model.model.config  # DeepSeekMoE: the wrapped base model's
+    assert config._attn_implementation == "sdpa" and getattr(model, "lm_head", None) is None
+    hs, rw = careful_encode(model, tokenizer, texts, batch_size=4)
+    assert hs.shape == ours.hs.shape and rw.shape == ours.rw.shape
+    assert relative_error(hs, ours.hs).max() <= 1e-4
+    assert relative_error(rw, ours.rw).max() <= 1e-4
+    # Each text alone, unpadded: sorting and right padding change no row.
+    alone_hs, alone_rw = careful_encode(model, tokenizer, texts[5:6], batch_size=1)
+    assert relative_error(hs[5:6], alone_hs).max() <= 1e-5 and relative_error(rw[5:6], alone_rw).max() <= 1e-5
+
+
+def test_random_deepseek_checkpoint_has_the_published_layout(tmp_path, tokenizer_corpus):
+    from benchmarks.models import save_random_checkpoint
+    from moee_fast.demo import build_tokenizer
+    from moee_fast.loading.models import DeepseekConfig
+
+    tokenizer = build_tokenizer(tokenizer_corpus, vocab_size=600, bos=True)
+    config = DeepseekConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                            first_k_dense_replace=1, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    save_random_checkpoint(config, str(tmp_path), max_shard_bytes=20_000)
+    tokenizer.save_pretrained(tmp_path)
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 1 and "lm_head.weight" in weight_map
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in weight_map and "model.layers.0.mlp.up_proj.weight" in weight_map
+    out = MoEEncoder.from_pretrained(str(tmp_path), device="cpu").encode(random_texts(3, seed=2, max_words=20))
+    assert out.rw.shape == (3, 1, 4) and torch.isfinite(out.hs).all()

@@ -19,7 +19,7 @@ import moee_fast
 from moee_fast import MoEEncoder, encode_corpus, load_corpus
 from moee_fast.corpus import CorpusInterrupted
 from moee_fast.corpus.job import CorpusJob
-from conftest import random_texts, reference_embeddings, relative_error
+from conftest import random_texts, reference_embeddings, relative_error, write_corpus_files
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +32,13 @@ def encoder(olmoe):
     return MoEEncoder.from_pretrained(olmoe, device="cpu")
 
 
-def write_inputs(tmp_path, texts):
-    """The texts spread over a .txt, a .jsonl and a .parquet file; returns their paths."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    third = len(texts) // 3
-    (tmp_path / "a.txt").write_text("\n".join(texts[:third]) + "\n", encoding="utf-8")
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[third : 2 * third]))
-    pq.write_table(pa.table({"text": texts[2 * third :]}), tmp_path / "c.parquet")
-    return [str(tmp_path / name) for name in ("a.txt", "b.jsonl", "c.parquet")]
-
-
 def assert_same_corpus(a, b):
     assert a.ids == b.ids and torch.equal(a.hs, b.hs) and torch.equal(a.rw, b.rw)
 
 
 def test_corpus_equals_each_text_alone_in_input_order(tmp_path, olmoe, encoder):
     texts = random_texts(23, seed=11, max_words=40)
-    paths = write_inputs(tmp_path, texts)
+    paths = write_corpus_files(tmp_path, texts)
     corpus = encode_corpus(encoder, paths, tmp_path / "out", shard_size=5, progress=False)
     hs, rw = reference_embeddings(olmoe, texts)
     assert len(corpus) == 23 and corpus.hs.shape == hs.shape and corpus.rw.shape == rw.shape
@@ -71,7 +59,7 @@ def test_corpus_equals_each_text_alone_in_input_order(tmp_path, olmoe, encoder):
 def test_parquet_shards_hold_the_same_rows(tmp_path, encoder):
     import pandas as pd
 
-    paths = write_inputs(tmp_path, random_texts(10, seed=3, max_words=20))
+    paths = write_corpus_files(tmp_path, random_texts(10, seed=3, max_words=20))
     st = encode_corpus(encoder, paths, tmp_path / "st", shard_size=4, progress=False)
     pq = encode_corpus(encoder, paths, tmp_path / "pq", shard_size=4, format="parquet", progress=False)
     assert_same_corpus(st, pq)
@@ -97,7 +85,7 @@ class InterruptAfter:
 
 
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, encoder):
-    paths = write_inputs(tmp_path, random_texts(20, seed=5, max_words=30))
+    paths = write_corpus_files(tmp_path, random_texts(20, seed=5, max_words=30))
     whole = encode_corpus(encoder, paths, tmp_path / "whole", shard_size=3, progress=False)
     with pytest.raises(CorpusInterrupted, match="interrupted after 9 of 20 rows; run the same command again to resume"):
         encode_corpus(InterruptAfter(encoder, 3), paths, tmp_path / "resumed", shard_size=3, progress=False)
@@ -113,7 +101,7 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, encoder):
 def test_a_kill_mid_write_leaves_files_a_rerun_clears(tmp_path, encoder):
     """A kill while a shard is written leaves our temp file, or safetensors' own (it writes through
     a ".tmp" + 6 characters file beside the target): the rerun removes both and finishes."""
-    paths = write_inputs(tmp_path, random_texts(12, seed=6, max_words=20))
+    paths = write_corpus_files(tmp_path, random_texts(12, seed=6, max_words=20))
     whole = encode_corpus(encoder, paths, tmp_path / "whole", shard_size=3, progress=False)
     with pytest.raises(CorpusInterrupted):
         encode_corpus(InterruptAfter(encoder, 2), paths, tmp_path / "killed", shard_size=3, progress=False)
@@ -177,7 +165,7 @@ def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path
 
 
 def test_a_changed_job_refuses_to_resume_until_overwrite(tmp_path, checkpoint, olmoe, encoder):
-    paths = write_inputs(tmp_path, random_texts(6, seed=8, max_words=20))
+    paths = write_corpus_files(tmp_path, random_texts(6, seed=8, max_words=20))
     out = tmp_path / "out"
     first = encode_corpus(encoder, paths, out, shard_size=4, progress=False)
     changes = [
@@ -213,7 +201,7 @@ def test_empty_rows_fail_by_file_line_or_are_skipped_and_recorded(tmp_path, chec
 
 
 def test_output_directory_checks(tmp_path, encoder):
-    paths = write_inputs(tmp_path, random_texts(3, seed=2, max_words=20))
+    paths = write_corpus_files(tmp_path, random_texts(3, seed=2, max_words=20))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds 'notes.txt'"):
@@ -229,7 +217,7 @@ def test_output_directory_checks(tmp_path, encoder):
 
 
 def test_damaged_shards_are_named(tmp_path, encoder):
-    paths = write_inputs(tmp_path, random_texts(6, seed=4, max_words=20))
+    paths = write_corpus_files(tmp_path, random_texts(6, seed=4, max_words=20))
     encode_corpus(encoder, paths, tmp_path / "out", shard_size=3, progress=False)
     shard = tmp_path / "out" / "part-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
@@ -241,7 +229,7 @@ def test_damaged_shards_are_named(tmp_path, encoder):
 
 
 def test_two_cpu_workers_equal_one_process(tmp_path, olmoe, encoder):
-    paths = write_inputs(tmp_path, random_texts(14, seed=9, max_words=30))
+    paths = write_corpus_files(tmp_path, random_texts(14, seed=9, max_words=30))
     single = encode_corpus(encoder, paths, tmp_path / "one", shard_size=3, progress=False)
     pooled = encode_corpus(olmoe, paths, tmp_path / "two", shard_size=3, devices="cpu,cpu", progress=False)
     assert pooled.ids == single.ids

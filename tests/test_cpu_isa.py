@@ -8,8 +8,7 @@ import torch
 from moee_fast import MoEEncoder
 from moee_fast.fastpath import linears
 from conftest import random_texts, relative_error
-from test_attention import CASES, attention_inputs, float64_attention
-from test_experts import inputs, reference
+from kernel_references import ATTENTION_CASES, attention_inputs, experts_inputs, float64_attention, float64_experts
 
 pytestmark = pytest.mark.skipif(not linears.available(), reason="C++ panel GEMMs not built (needs an x86-64 AVX2 build)")
 
@@ -57,10 +56,10 @@ LINEAR_SHAPES = [(1, 7, 5), (16, 256, 8), (33, 300, 13), (48, 64, 9), (70, 513, 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("shape", EXPERT_SHAPES)
 def test_experts_match_float64(isa, shape):
-    module, hidden, index, weights = inputs(*shape, seed=3)
+    module, hidden, index, weights = experts_inputs(*shape, seed=3)
     out = torch.full_like(hidden, torch.nan)
     torch.ops.moee_fast.moe_experts.out(hidden, index, weights, module.gate_up_proj, module.down_proj, out=out)
-    assert relative_error(out, reference(module, hidden, index, weights)).max() <= 1e-5
+    assert relative_error(out, float64_experts(module, hidden, index, weights)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -75,7 +74,7 @@ def test_linear_matches_float64(isa, shape):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", CASES)
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", ATTENTION_CASES)
 def test_attention_matches_float64(isa, lengths, heads, kv_heads, dim, window):
     q, k, v, cu = attention_inputs(lengths, heads, kv_heads, dim)
     out = torch.ops.moee_fast.packed_causal_attention(q, k, v, cu, 0.3, window)
@@ -89,7 +88,7 @@ needs_avx512 = pytest.mark.skipif(linears.available() and not _has_avx512(), rea
 @needs_avx512
 @pytest.mark.parametrize("shape", EXPERT_SHAPES)
 def test_experts_bitwise_equal_across_isas(shape):
-    module, hidden, index, weights = inputs(*shape, seed=4)
+    module, hidden, index, weights = experts_inputs(*shape, seed=4)
     args = (hidden, index, weights, module.gate_up_proj, module.down_proj)
     assert torch.equal(run_on("avx2", torch.ops.moee_fast.moe_experts, *args),
                        run_on("avx512", torch.ops.moee_fast.moe_experts, *args))
@@ -106,7 +105,7 @@ def test_linear_bitwise_equal_across_isas(shape):
 
 
 @needs_avx512
-@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", CASES)
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim,window", ATTENTION_CASES)
 def test_attention_bitwise_equal_across_isas(lengths, heads, kv_heads, dim, window):
     args = (*attention_inputs(lengths, heads, kv_heads, dim), 0.3, window)
     assert torch.equal(run_on("avx2", torch.ops.moee_fast.packed_causal_attention, *args),

@@ -3,11 +3,11 @@ tokens and their top-k experts."""
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from moee_fast import MoEEncoder, ops
 from moee_fast.fastpath import experts
 from conftest import random_texts, relative_error
+from kernel_references import experts_inputs, float64_experts
 
 needs_cpp = pytest.mark.skipif("cpp" not in ops.available_backends(), reason="C++ extension not built")
 
@@ -28,59 +28,19 @@ SHAPES = [  # (T, H, I, E, k)
 ]
 
 
-def make_experts(H, I, E, dtype=torch.float32):
-    """transformers' own OLMoE experts module (standard layout: SiLU, concatenated gate/up)."""
-    from transformers import OlmoeConfig
-    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
-
-    config = OlmoeConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=1)
-    module = OlmoeExperts(config).to(dtype).requires_grad_(False)
-    torch.nn.init.normal_(module.gate_up_proj, std=0.1)
-    torch.nn.init.normal_(module.down_proj, std=0.1)
-    return module
-
-
-def routing(T, E, k, seed):
-    """Top-k among a random 3/4 of the experts, so some experts receive no token at every T."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(T, E, generator=gen)
-    logits[:, torch.randperm(E, generator=gen)[: min(E // 4, E - k)]] = -torch.inf
-    weights, index = logits.softmax(-1).topk(k, dim=-1)
-    return index, weights
-
-
-def reference(module, hidden, index, weights):
-    gate_up, down = module.gate_up_proj.double(), module.down_proj.double()
-    out = torch.zeros(hidden.shape, dtype=torch.float64)
-    for t in range(hidden.shape[0]):
-        x = hidden[t].double()
-        for slot in range(index.shape[1]):
-            e = int(index[t, slot])
-            gate, up = (gate_up[e] @ x).chunk(2)
-            out[t] += float(weights[t, slot]) * (down[e] @ (F.silu(gate) * up))
-    return out
-
-
-def inputs(T, H, I, E, k, seed=0):
-    module = make_experts(H, I, E)
-    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 1))
-    index, weights = routing(T, E, k, seed)
-    return module, hidden, index, weights
-
-
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpp_op_matches_float64_loop(shape):
-    module, hidden, index, weights = inputs(*shape)
+    module, hidden, index, weights = experts_inputs(*shape)
     out = torch.full_like(hidden, torch.nan)
     torch.ops.moee_fast.moe_experts.out(hidden, index, weights, module.gate_up_proj, module.down_proj, out=out)
-    assert relative_error(out, reference(module, hidden, index, weights)).max() <= 1e-5
+    assert relative_error(out, float64_experts(module, hidden, index, weights)).max() <= 1e-5
 
 
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES[:4])
 def test_forward_runs_the_cpp_op(shape, monkeypatch):
-    module, hidden, index, weights = inputs(*shape, seed=5)
+    module, hidden, index, weights = experts_inputs(*shape, seed=5)
 
     def not_this_path(*args):
         raise AssertionError("the fp32 CPU standard layout must run the C++ op")
@@ -88,21 +48,21 @@ def test_forward_runs_the_cpp_op(shape, monkeypatch):
     monkeypatch.setattr(experts, "sorted_experts_python", not_this_path)
     with torch.inference_mode():  # as the encoder runs it: the op's worker threads must follow
         out = experts.sorted_experts_forward(module, hidden, index, weights)
-    assert relative_error(out, reference(module, hidden, index, weights)).max() <= 1e-5
+    assert relative_error(out, float64_experts(module, hidden, index, weights)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_python_path_matches_float64_loop(shape, monkeypatch):
-    module, hidden, index, weights = inputs(*shape, seed=9)
+    module, hidden, index, weights = experts_inputs(*shape, seed=9)
     monkeypatch.setattr(experts, "_use_cpp", lambda *args: False)
     out = experts.sorted_experts_forward(module, hidden, index, weights)
-    assert relative_error(out, reference(module, hidden, index, weights)).max() <= 1e-5
+    assert relative_error(out, float64_experts(module, hidden, index, weights)).max() <= 1e-5
 
 
 def test_other_dtypes_and_custom_gates_take_the_python_path(monkeypatch):
     from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
-    module, hidden, index, weights = inputs(7, 64, 32, 8, 2)
+    module, hidden, index, weights = experts_inputs(7, 64, 32, 8, 2)
     assert experts._use_cpp(module, hidden) == ("cpp" in ops.available_backends())
     assert not experts._use_cpp(module.double(), hidden.double())
     module.float()
@@ -115,8 +75,8 @@ def test_other_dtypes_and_custom_gates_take_the_python_path(monkeypatch):
 
 @needs_cpp
 def test_weights_in_another_dtype_and_int32_indices():
-    module, hidden, index, weights = inputs(333, 64, 32, 60, 8, seed=3)
-    expected = reference(module, hidden, index, weights.bfloat16())
+    module, hidden, index, weights = experts_inputs(333, 64, 32, 60, 8, seed=3)
+    expected = float64_experts(module, hidden, index, weights.bfloat16())
     out = torch.ops.moee_fast.moe_experts(hidden, index.int(), weights.bfloat16(), module.gate_up_proj, module.down_proj)
     assert relative_error(out, expected).max() <= 1e-5
 
@@ -124,7 +84,7 @@ def test_weights_in_another_dtype_and_int32_indices():
 @needs_cpp
 def test_a_token_does_not_depend_on_its_batch():
     """Each token sums its k expert rows in slot order, whatever else is routed with it."""
-    module, hidden, index, weights = inputs(333, 96, 48, 64, 8, seed=4)
+    module, hidden, index, weights = experts_inputs(333, 96, 48, 64, 8, seed=4)
     op = torch.ops.moee_fast.moe_experts
     full = op(hidden, index, weights, module.gate_up_proj, module.down_proj)
     for rows in (slice(0, 1), slice(100, 107), slice(5, 333, 3)):
@@ -134,7 +94,7 @@ def test_a_token_does_not_depend_on_its_batch():
 
 @needs_cpp
 def test_bad_arguments_are_refused():
-    module, hidden, index, weights = inputs(7, 64, 32, 8, 2)
+    module, hidden, index, weights = experts_inputs(7, 64, 32, 8, 2)
     op = torch.ops.moee_fast.moe_experts
     bad = index.clone()
     bad[3, 1] = 8

@@ -99,3 +99,29 @@ def test_no_import_cycle():
 
 def test_every_module_has_a_layer():
     assert all(layer_of(name) >= 0 for name in modules())
+
+
+TESTS = Path(__file__).resolve().parent
+# test_quant still takes helpers from test_quant_experts; they move with the quantization tests.
+SHARED_BY_IMPORT = {("test_quant", "test_quant_experts")}
+
+
+def test_tests_import_neither_the_benchmarks_nor_another_test_file():
+    """Tests import the package and their shared helpers (conftest, the reference modules); only
+    test_benchmarks, which tests the benchmark scripts, imports them."""
+    violations = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            for target in targets:
+                top = target.split(".")[0]
+                if top == "benchmarks" and path.stem != "test_benchmarks":
+                    violations.append(f"{path.name} imports {target}")
+                elif top.startswith("test_") and (path.stem, top) not in SHARED_BY_IMPORT:
+                    violations.append(f"{path.name} imports the test file {top}")
+    assert not violations, "\n".join(violations)

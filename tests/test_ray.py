@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from moee_fast import MoEEncoder, encode_corpus, load_corpus
-from conftest import random_texts
-from test_corpus import write_inputs
+from conftest import random_texts, write_corpus_files
 
 ray = pytest.importorskip("ray")
 
@@ -33,7 +32,7 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
     from moee_fast.ray import encode_corpus_ray
 
     olmoe = checkpoint("olmoe")
-    paths = write_inputs(tmp_path, random_texts(21, seed=21, max_words=30))
+    paths = write_corpus_files(tmp_path, random_texts(21, seed=21, max_words=30))
     single = encode_corpus(MoEEncoder.from_pretrained(olmoe, device="cpu"), paths, tmp_path / "local", shard_size=4, progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -76,7 +75,7 @@ def test_command_line_engine_ray(tmp_path, checkpoint, local_ray, capsys):
     from moee_fast.cli import main
 
     olmoe = checkpoint("olmoe")
-    paths = write_inputs(tmp_path, random_texts(6, seed=6, max_words=20))
+    paths = write_corpus_files(tmp_path, random_texts(6, seed=6, max_words=20))
     base = ["encode", "--model", olmoe, "--input", *paths, "--shard-size", "4"]
     assert main(base + ["--output", str(tmp_path / "local")]) == 0
     assert main(base + ["--output", str(tmp_path / "ray"), "--engine", "ray"]) == 0
@@ -162,7 +161,7 @@ def _is_zombie(pid: int) -> bool:
 def test_killed_ray_job_resumes_from_its_checkpoint(tmp_path, checkpoint):
     olmoe = checkpoint("olmoe")
     texts = random_texts(16, seed=13, max_words=25)
-    paths = write_inputs(tmp_path, texts)
+    paths = write_corpus_files(tmp_path, texts)
     single = encode_corpus(MoEEncoder.from_pretrained(olmoe, device="cpu"), paths, tmp_path / "local", shard_size=2, progress=False)
     out = tmp_path / "ray"
 

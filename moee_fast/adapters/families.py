@@ -6,6 +6,9 @@ from .registry import Adapter, register
 MIXTRAL = register(Adapter("Mixtral", ("mixtral",)))
 OLMOE = register(Adapter("OLMoE", ("olmoe",)))
 QWEN2_MOE = register(Adapter("Qwen2-MoE", ("qwen2_moe",)))
+# DeepSeekMoE (v1): transformers has no model for it; moee_fast.loading.models.deepseek is ours,
+# and records its routers the same way.
+DEEPSEEK_MOE = register(Adapter("DeepSeekMoE", ("deepseek",)))
 DEEPSEEK_V2 = register(Adapter("DeepSeek-V2", ("deepseek_v2",)))
 # DeepSeek-V3 and its relatives score experts with a sigmoid (plus a bias used only for the
 # top-k choice); RW for them is the sigmoid of the router logits, the model's own scores.
