@@ -3,4 +3,4 @@ routers are found through that model's `router_logits` recorder and score expert
 
 from .registry import Adapter, register
 
-DEEPSEEK_MOE = register(Adapter("DeepSeekMoE", ("deepseek",)))
+DEEPSEEK_MOE = register(Adapter("DeepSeekMoE", ("deepseek",), router_was_linear=False))
