@@ -1,5 +1,8 @@
 """What quantized loading costs and saves: fp32, bf16, NF4 and int8 side by side, on CPU.
 
+NF4 and int8 run twice: routers quantized where the paper's runs quantized them (`quantize=`),
+and routers kept in full precision (`quantize_routers=False`, rows "-fp-routers").
+
 Run: python benchmarks/bench_quant.py [--texts 24] [--layers 4] [--families olmoe,mixtral,qwen2_moe,deepseek]
 For every scaled benchmark model (benchmarks/models.py) and precision, one fresh process loads
 the checkpoint and encodes the same seeded corpus (benchmarks/corpus.py); it reports
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import textwrap
 
-PRECISIONS = ("fp32", "bf16", "nf4", "int8")
+PRECISIONS = ("fp32", "bf16", "nf4", "nf4-fp-routers", "int8", "int8-fp-routers")
 
 PROBE = textwrap.dedent(
     """
@@ -70,8 +73,10 @@ PROBE = textwrap.dedent(
     sampler = threading.Thread(target=sample_anon_peak, args=(anon_peak, loaded))
     sampler.start()
     kwargs = {"dtype": torch.bfloat16} if precision == "bf16" else {}
-    if precision in ("nf4", "int8"):
-        kwargs["quantize"] = precision
+    if precision.startswith(("nf4", "int8")):
+        kwargs["quantize"] = precision.split("-")[0]
+        if precision.endswith("-fp-routers"):
+            kwargs["quantize_routers"] = False
     start = time.perf_counter()
     enc = MoEEncoder.from_pretrained(path, device="cpu", **kwargs)
     load_seconds = time.perf_counter() - start
@@ -169,10 +174,12 @@ def main() -> None:
         root = args.checkpoints or scratch
         rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers)]
     header = (
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run and "
+        f"{os.getloadavg()[0]:.1f} after it, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; the scaled models at {args.layers} layers; "
-        f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, bf16 compute (the paper's "
-        "setting) in the linears; routed experts quantized per expert matrix and run dequantized to the load dtype (fp32). "
+        f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, computing in the "
+        "load dtype (fp32 here; the paper's runs computed in bf16 on GPU); every linear, routed expert matrix and router the paper's "
+        "runs quantized (-fp-routers: routers and gating linears kept fp32); 4-bit weights decoded in fp32 by moee-fast's decoder. "
         "Timings are noisy where other work shares the machine; the agreement columns never are."
     )
     report = f"{header}\n\n{table(rows)}\n"
