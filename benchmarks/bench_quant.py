@@ -126,13 +126,13 @@ def agreement(out_path: str, fp32_path: str) -> dict:
     return dict(hs_median=hs.median().item(), hs_min=hs.min().item(), rw_median=rw.median().item(), rw_min=rw.min().item())
 
 
-def measure_family(family: str, root: str, n_texts: int, layers: int) -> list[dict]:
+def measure_family(family: str, root: str, n_texts: int, layers: int, precisions=PRECISIONS) -> list[dict]:
     from benchmarks.models import build_checkpoint, scaled_configs
 
     path = build_checkpoint(family, root, config=scaled_configs(layers)[family])
     rows = []
-    outputs = {precision: os.path.join(root, f"{family}-{precision}.safetensors") for precision in PRECISIONS}
-    for precision in PRECISIONS:  # fp32 first: the others are compared with it
+    outputs = {precision: os.path.join(root, f"{family}-{precision}.safetensors") for precision in precisions}
+    for precision in precisions:  # fp32 first: the others are compared with it
         row = dict(family=family, precision=precision, **run_probe(path, precision, outputs[precision], n_texts))
         row.update(agreement(outputs[precision], outputs["fp32"]))
         rows.append(row)
@@ -164,15 +164,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of every scaled model (default: %(default)s; "
                         "bf16 runs slowly on CPU)")
     parser.add_argument("--families", default="olmoe,mixtral,qwen2_moe,deepseek")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32 always runs first (default: %(default)s)")
     parser.add_argument("--checkpoints", help="where to keep the scaled checkpoints (default: a temporary directory)")
     args = parser.parse_args()
+    precisions = ["fp32"] + [p for p in args.precisions.split(",") if p != "fp32"]
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"unknown precisions {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: benchmarks.*
     import torch
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         root = args.checkpoints or scratch
-        rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers)]
+        rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers, precisions)]
     header = (
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run and "
         f"{os.getloadavg()[0]:.1f} after it, "

@@ -9,7 +9,7 @@ weight would store it, into one `QuantizedMatrices` per kind and layer; the stac
 dropped. The forward runs the per-expert loop of moee_fast.fastpath.experts and dequantizes only
 the active experts' matrices, to the dtype of the activations (the load dtype), for their tokens.
 
-Loading: `ExpertsBitsAndBytesConfig` (what moee_fast.quantize builds) selects a transformers
+Loading: `ExpertsBitsAndBytesConfig` (what quantization/__init__.py builds) selects a transformers
 quantizer that turns each experts module into a `QuantizedExperts` before any weight is read and
 quantizes each stacked tensor as it arrives, one layer's tensor at a time.
 """
