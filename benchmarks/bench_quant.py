@@ -1,5 +1,8 @@
 """What quantized loading costs and saves: fp32, bf16, NF4 and int8 side by side, on CPU.
 
+NF4 and int8 run twice: routers quantized where the paper's runs quantized them (`quantize=`),
+and routers kept in full precision (`quantize_routers=False`, rows "-fp-routers").
+
 Run: python benchmarks/bench_quant.py [--texts 24] [--layers 4] [--families olmoe,mixtral,qwen2_moe,deepseek]
 For every scaled benchmark model (benchmarks/models.py) and precision, one fresh process loads
 the checkpoint and encodes the same seeded corpus (benchmarks/corpus.py); it reports
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import textwrap
 
-PRECISIONS = ("fp32", "bf16", "nf4", "int8")
+PRECISIONS = ("fp32", "bf16", "nf4", "nf4-fp-routers", "int8", "int8-fp-routers")
 
 PROBE = textwrap.dedent(
     """
@@ -70,8 +73,10 @@ PROBE = textwrap.dedent(
     sampler = threading.Thread(target=sample_anon_peak, args=(anon_peak, loaded))
     sampler.start()
     kwargs = {"dtype": torch.bfloat16} if precision == "bf16" else {}
-    if precision in ("nf4", "int8"):
-        kwargs["quantize"] = precision
+    if precision.startswith(("nf4", "int8")):
+        kwargs["quantize"] = precision.split("-")[0]
+        if precision.endswith("-fp-routers"):
+            kwargs["quantize_routers"] = False
     start = time.perf_counter()
     enc = MoEEncoder.from_pretrained(path, device="cpu", **kwargs)
     load_seconds = time.perf_counter() - start
@@ -121,13 +126,13 @@ def agreement(out_path: str, fp32_path: str) -> dict:
     return dict(hs_median=hs.median().item(), hs_min=hs.min().item(), rw_median=rw.median().item(), rw_min=rw.min().item())
 
 
-def measure_family(family: str, root: str, n_texts: int, layers: int) -> list[dict]:
+def measure_family(family: str, root: str, n_texts: int, layers: int, precisions=PRECISIONS) -> list[dict]:
     from benchmarks.models import build_checkpoint, scaled_configs
 
     path = build_checkpoint(family, root, config=scaled_configs(layers)[family])
     rows = []
-    outputs = {precision: os.path.join(root, f"{family}-{precision}.safetensors") for precision in PRECISIONS}
-    for precision in PRECISIONS:  # fp32 first: the others are compared with it
+    outputs = {precision: os.path.join(root, f"{family}-{precision}.safetensors") for precision in precisions}
+    for precision in precisions:  # fp32 first: the others are compared with it
         row = dict(family=family, precision=precision, **run_probe(path, precision, outputs[precision], n_texts))
         row.update(agreement(outputs[precision], outputs["fp32"]))
         rows.append(row)
@@ -159,20 +164,27 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of every scaled model (default: %(default)s; "
                         "bf16 runs slowly on CPU)")
     parser.add_argument("--families", default="olmoe,mixtral,qwen2_moe,deepseek")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32 always runs first (default: %(default)s)")
     parser.add_argument("--checkpoints", help="where to keep the scaled checkpoints (default: a temporary directory)")
     args = parser.parse_args()
+    precisions = ["fp32"] + [p for p in args.precisions.split(",") if p != "fp32"]
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"unknown precisions {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: benchmarks.*
     import torch
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         root = args.checkpoints or scratch
-        rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers)]
+        rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers, precisions)]
     header = (
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run and "
+        f"{os.getloadavg()[0]:.1f} after it, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; the scaled models at {args.layers} layers; "
-        f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, bf16 compute (the paper's "
-        "setting) in the linears; routed experts quantized per expert matrix and run dequantized to the load dtype (fp32). "
+        f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, computing in the "
+        "load dtype (fp32 here; the paper's runs computed in bf16 on GPU); every linear, routed expert matrix and router the paper's "
+        "runs quantized (-fp-routers: routers and gating linears kept fp32); 4-bit weights decoded in fp32 by moee-fast's decoder. "
         "Timings are noisy where other work shares the machine; the agreement columns never are."
     )
     report = f"{header}\n\n{table(rows)}\n"

@@ -85,7 +85,7 @@ def _encode_to_file(model: str, label: str, args) -> int:
 
         encoder = VLLMEncoder.from_pretrained(model, **({"dtype": args.dtype} if args.dtype else {}))
     else:
-        encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        encoder = MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype, **_quantization(args))
     start = time.perf_counter()
     try:
         out = encoder.encode(
@@ -124,9 +124,18 @@ def _encode_to_directory(model: str, args) -> int:
     return _report_job(stats, job.output_dir, sum(entry["rows"] for entry in job.manifest["shards"]))
 
 
+def _quantization(args) -> dict:
+    """from_pretrained's quantization arguments from --quantize and --full-precision-routers."""
+    if not args.full_precision_routers:
+        return {"quantize": args.quantize}
+    if not args.quantize:
+        raise UsageError("--full-precision-routers applies to a quantized model: add --quantize nf4 or int8")
+    return {"quantize": args.quantize, "quantize_routers": False}
+
+
 def _refuse_quantize_for_jobs(args) -> None:
     # A job's manifest records everything its shards depend on; quantized weights are not yet among them.
-    if args.quantize:
+    if args.quantize or args.full_precision_routers:
         raise UsageError("moee encode: --quantize applies to a .safetensors output (and moee mteb), not to corpus jobs yet")
 
 
@@ -189,7 +198,7 @@ def cmd_mteb(args) -> int:
         tasks = get_tasks(task_names)
     except KeyError as exc:
         raise SystemExit(f"moee mteb: {exc.args[0] if exc.args else exc}")
-    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype, quantize=args.quantize)
+    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype, **_quantization(args))
     try:
         model = MoEEModel(
             encoder,
@@ -233,6 +242,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="load weights in 4-bit NF4 (the paper's setting) or "
                         "8-bit through bitsandbytes (needs pip install moee-fast[quant])")
+    parser.add_argument("--full-precision-routers", action="store_true", help="with --quantize: keep the routers (and "
+                        "Qwen2-MoE's shared-expert gate) in the load dtype; the paper's runs quantized them")
     parser.add_argument(
         "--rw-source",
         choices=RW_SOURCES,

@@ -69,7 +69,8 @@ class MoEEncoder:
         device: None -> CUDA when available, else CPU; weights load straight onto it. dtype: None
         -> bfloat16 on CUDA, float32 on CPU. fast_path: "all", "none" or a set of parts of
         moee_fast.fastpath.PARTS (for debugging and A/B runs; embeddings agree to fp32 rounding).
-        quantize: None, "nf4" or "int8": the paper's bitsandbytes settings (moee_fast.loading.quantization).
+        quantize: None, "nf4" or "int8": the paper's bitsandbytes settings (moee_fast.loading.quantization),
+        computing in the load dtype; routers quantized as in the paper unless quantize_routers=False.
         Other keyword arguments go to transformers' `from_pretrained` (revision, device_map,
         quantization_config, experts_implementation (then the experts part is left off), ...).
         """

@@ -138,6 +138,81 @@ def write_corpus_files(directory, texts):
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantized weights (test_quant*.py): bitsandbytes' own parameters, decoded here in float64 from
+# their bytes, reading neither bitsandbytes' nor moee-fast's decoder.
+
+# The NF4 code of the QLoRA paper (Dettmers et al. 2023, appendix E).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+def bitsandbytes_parameter(weight: torch.Tensor, method: str, double_quant: bool = True):
+    """What a Linear4bit ("nf4", "fp4") or Linear8bitLt ("int8") built from `weight` holds."""
+    import bitsandbytes as bnb
+
+    if method == "int8":
+        return bnb.nn.Int8Params(weight.detach().clone().float(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    return bnb.nn.Params4bit(weight.detach().clone().float(), requires_grad=False, quant_type=method,
+                             compress_statistics=double_quant).to("cpu")
+
+
+def assert_slot_is_bitsandbytes_own(matrices, index: int, weight: torch.Tensor) -> None:
+    """The packed bytes and statistics of slot `index` of a QuantizedMatrices equal those of
+    bitsandbytes' own parameter made from `weight`, bit for bit."""
+    param = bitsandbytes_parameter(weight, matrices.method, matrices.double_quant)
+    if matrices.method == "int8":
+        assert torch.equal(matrices.data[index], param.data) and torch.equal(matrices.scale[index], param.SCB)
+        return
+    state = param.quant_state
+    assert torch.equal(matrices.data[index], param.data.view(-1)) and torch.equal(matrices.code, state.code)
+    assert torch.equal(matrices.absmax[index], state.absmax)
+    if matrices.double_quant:
+        assert torch.equal(matrices.offset[index], state.offset) and torch.equal(matrices.nested_absmax[index], state.state2.absmax)
+        assert torch.equal(matrices.nested_code, state.state2.code)
+
+
+def decode_reference(data: torch.Tensor, state) -> torch.Tensor:
+    """Quantized bytes decoded in float64: int8 rows times their scale (`state`, one per row) /
+    127; NF4 codes (two per byte, high nibble first) looked up in NF4_CODE, times their block's
+    absmax (a bitsandbytes QuantState `state`; under double quantization the absmax is decoded
+    from its 8-bit code, its 256-block scale and the offset)."""
+    if isinstance(state, torch.Tensor):
+        return data.double() * state.double()[:, None] / 127
+    assert state.quant_type == "nf4"
+    size = state.shape.numel()
+    packed = data.reshape(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[:size]
+    absmax = state.absmax.double()
+    if state.state2 is not None:
+        scale = state.state2.absmax.double().repeat_interleave(state.state2.blocksize)[: absmax.numel()]
+        absmax = state.state2.code.double()[state.absmax.long()] * scale + state.offset.double()
+    values = torch.tensor(NF4_CODE, dtype=torch.float64)[codes] * absmax.repeat_interleave(state.blocksize)[:size]
+    return values.reshape(state.shape)
+
+
+def bitsandbytes_roundtrip(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """`weight` as bitsandbytes quantizes it ("nf4": NF4 with double quantization; "int8"),
+    decoded by decode_reference."""
+    param = bitsandbytes_parameter(weight, method)
+    return decode_reference(param.data, param.SCB if method == "int8" else param.quant_state)
+
+
+def expected_quantized_bytes(experts: int, hidden: int, inter: int, method: str) -> int:
+    """Bytes of a layer's quantized gate, up and down matrices: int8 a byte per weight and a float
+    scale per row; NF4 half a byte per weight, a byte per 64-block, a float per 256 blocks and an
+    offset per matrix, and the two code tables per kind."""
+    weights = 3 * experts * hidden * inter
+    if method == "int8":
+        return weights + 4 * experts * (2 * inter + hidden)
+    blocks = -(-hidden * inter // 64)
+    return -(-hidden * inter // 2) * 3 * experts + 3 * experts * (blocks + 4 * -(-blocks // 256) + 4) + 3 * 4 * (16 + 256)
+
+
+# ---------------------------------------------------------------------------------------------
 # The suite writes only under temporary directories or ignored paths: a run that changes the work
 # tree (a tracked file rewritten, an untracked file left) fails, naming what changed.
 def _work_tree_state():

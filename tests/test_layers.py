@@ -102,8 +102,7 @@ def test_every_module_has_a_layer():
 
 
 TESTS = Path(__file__).resolve().parent
-# test_quant still takes helpers from test_quant_experts; they move with the quantization tests.
-SHARED_BY_IMPORT = {("test_quant", "test_quant_experts")}
+SHARED_BY_IMPORT: set[tuple[str, str]] = set()  # (test file, test file it may import): none
 
 
 def test_tests_import_neither_the_benchmarks_nor_another_test_file():

@@ -1,13 +1,15 @@
 """4-bit / 8-bit loading (bitsandbytes, on CPU here) and device maps with offload (accelerate).
 
-Quantized encoders are compared with the same quantized model run by transformers' own eager
-forward, each text alone. Both quantized kernels round their input: NF4 computes in bfloat16
-(the paper's setting; 2^-8 relative per element), int8 quantizes each activation row to 127
-steps of its absolute maximum. The two forwards agree to fp32 rounding (moee-fast's packed
-attention, C++ norms and experts against eager torch) until one such rounding falls the other
-way, which moves that element by one step and carries it through the layers. So: the median row
-within 1e-5 (fp32 rounding: most rows hit no flip), every row within 2e-2 (a few flipped steps),
-and the unquantized model's median row more than 1e-4 away (the comparison tells them apart).
+Quantized encoders are compared with transformers' own eager forward, each text alone, of a
+model whose every module the paper's setting quantized (every nn.Linear of the family's
+transformers-4.x code: linears, routed experts, the routers where they were nn.Linear) holds
+bitsandbytes' quantization of the checkpoint's weight, decoded in float64 by conftest's decoder.
+NF4 computes in the load dtype, fp32 here: the two forwards agree to fp32 rounding (EXACT, every
+row). int8 is LLM.int8(), whose linears quantize each activation row to 127 steps of its absolute
+maximum: the forwards agree to fp32 rounding until one such rounding falls the other way, which
+moves that element by one step and carries it through the layers. So for int8: the median row
+within 1e-5 (most rows hit no flip), every row within 2e-2 (a few flipped steps). In both, the
+unquantized model's median row lies more than 1e-4 away (the comparison tells them apart).
 """
 
 import os
@@ -18,17 +20,30 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import random_texts, relative_error
+from conftest import (
+    assert_slot_is_bitsandbytes_own,
+    bitsandbytes_parameter,
+    bitsandbytes_roundtrip,
+    decode_reference,
+    expected_quantized_bytes,
+    random_texts,
+    relative_error,
+)
 from deepseek_reference import write_checkpoint
 from moee_fast import MoEEncoder
-from moee_fast.loading.quantization import avoid_unsupported_cpu_packing, quantization_config
+from moee_fast.loading.quantization import decode_4bit_linears_on_cpu, quantization_config
 from moee_fast.loading.quantization.experts import QuantizedExperts, quantized_nbytes
-from test_quant_experts import assert_slot_is_bitsandbytes_own, dequantize_reference, expected_quantized_bytes
+from moee_fast.loading.quantization.routers import QuantizedRouter
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
 
-TYPICAL, WORST, MOVED = 1e-5, 2e-2, 1e-4  # median row, any row, the unquantized median
+EXACT = 1e-4  # NF4 in fp32: every row
+TYPICAL, WORST, MOVED = 1e-5, 2e-2, 1e-4  # int8: median row, any row; the unquantized median
 HF_FAMILIES = ["olmoe", "qwen2_moe", "mixtral"]
+# Whether the family's router (`mlp.gate`) was an nn.Linear in its transformers-4.x modeling code,
+# which bitsandbytes then quantized: DeepSeek's MoEGate held a bare weight parameter.
+ROUTER_WAS_LINEAR = {"olmoe": True, "qwen2_moe": True, "mixtral": True, "qwen3_moe": True, "deepseek": False, "deepseek_v2": False}
+GATE_LINEARS = ("shared_expert_gate",)  # gating linears kept with the routers by quantize_routers=False
 
 
 @pytest.fixture(autouse=True)
@@ -41,19 +56,42 @@ def quiet_transformers():
     hf_logging.set_verbosity(level)
 
 
-def transformers_quantized(path, method):
-    """The model as transformers' own bitsandbytes integration loads it (linears quantized, routed
-    experts in fp32), eager attention and experts; `method` is "nf4", "int8" or a BitsAndBytesConfig."""
+def eager_model(path, quantization=None):
+    """transformers' own model of the checkpoint in fp32, eager attention and experts; with
+    `quantization` ("int8"), its linears quantized by transformers' own bitsandbytes integration."""
     from transformers import AutoModel, BitsAndBytesConfig
 
-    if isinstance(method, str):  # the same settings as moee-fast's, in transformers' own class
-        method = BitsAndBytesConfig.from_dict(quantization_config(method).to_dict())
-    model = AutoModel.from_pretrained(
-        path, quantization_config=method, device_map="cpu", dtype=torch.float32, attn_implementation="eager",
-        experts_implementation="eager",
+    kwargs = {}
+    if quantization is not None:
+        kwargs = dict(quantization_config=BitsAndBytesConfig.from_dict(quantization_config(quantization).to_dict()), device_map="cpu")
+    return AutoModel.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager", **kwargs,
     ).eval()
-    avoid_unsupported_cpu_packing(model)  # the kernel bitsandbytes picks, not the arithmetic
-    return model
+
+
+def hold_paper_quantization(model, family, method, quantize_routers=True):
+    """Give every module of `model` that the paper's setting quantized bitsandbytes' `method`
+    quantization of its weight, decoded in float64: plain nn.Linear modules (the gating ones only
+    with quantize_routers), the routers where the family's were nn.Linear (with quantize_routers),
+    each routed expert's gate, up and down matrix. Returns how many matrices."""
+    changed = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            is_gate = name.endswith(GATE_LINEARS)
+            is_router = name.endswith("mlp.gate") and type(module) is not nn.Linear
+            if (type(module) is nn.Linear and (quantize_routers or not is_gate)) or (
+                    is_router and quantize_routers and ROUTER_WAS_LINEAR[family]):
+                module.weight.copy_(bitsandbytes_roundtrip(module.weight, method))
+                changed += 1
+            elif isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):
+                inter = module.gate_up_proj.shape[1] // 2
+                for e in range(module.gate_up_proj.shape[0]):
+                    module.gate_up_proj[e, :inter] = bitsandbytes_roundtrip(module.gate_up_proj[e, :inter], method)
+                    module.gate_up_proj[e, inter:] = bitsandbytes_roundtrip(module.gate_up_proj[e, inter:], method)
+                    module.down_proj[e] = bitsandbytes_roundtrip(module.down_proj[e], method)
+                    changed += 3
+    assert changed > 0
+    return changed
 
 
 def forward_each_alone(model, tokenizer, texts):
@@ -68,28 +106,7 @@ def forward_each_alone(model, tokenizer, texts):
     return torch.stack(hs), torch.stack(rw)
 
 
-def decode_experts_into(reference, encoder_model):
-    """Give each of the reference's fp32 experts the encoder's quantized experts, decoded in
-    float64 from their bytes, after checking those bytes are bitsandbytes' own quantization of the
-    reference's (the checkpoint's) weights, expert by expert and matrix by matrix."""
-    quantized = dict(encoder_model.named_modules())
-    count = 0
-    for name, experts in reference.named_modules():
-        if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-            continue
-        target, inter = quantized[name], experts.gate_up_proj.shape[1] // 2
-        with torch.no_grad():
-            for e in range(experts.gate_up_proj.shape[0]):
-                for matrices, weight in ((target.gate, experts.gate_up_proj[e, :inter]), (target.up, experts.gate_up_proj[e, inter:]),
-                                         (target.down, experts.down_proj[e])):
-                    assert_slot_is_bitsandbytes_own(matrices, e, weight)
-                experts.gate_up_proj[e] = torch.cat([dequantize_reference(target.gate, e), dequantize_reference(target.up, e)])
-                experts.down_proj[e] = dequantize_reference(target.down, e)
-        count += 1
-    assert count > 0
-
-
-def assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed):
+def assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed, typical=TYPICAL, worst=WORST):
     rng = random.Random(seed)
     for batch_size in (1, 3, None):
         order = list(range(len(texts)))
@@ -97,7 +114,7 @@ def assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed):
         out = enc.encode([texts[i] for i in order], batch_size=batch_size)
         for got, expected in ((out.hs, ref_hs[order]), (out.rw, ref_rw[order])):
             error = relative_error(got, expected)
-            assert error.median() <= TYPICAL and error.max() <= WORST
+            assert error.median() <= typical and error.max() <= worst, (error.median().item(), error.max().item())
 
 
 def assert_quantization_moved_it(path, texts, ref_hs, ref_rw):
@@ -107,16 +124,32 @@ def assert_quantization_moved_it(path, texts, ref_hs, ref_rw):
     assert relative_error(plain.rw, ref_rw).median() > MOVED
 
 
+def assert_routers_as_asked(model, family, quantize_routers):
+    """Routers quantized exactly where the paper's were (and asked for); gating linears with them."""
+    routers = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    assert routers and all(isinstance(m, QuantizedRouter) == (quantize_routers and ROUTER_WAS_LINEAR[family]) for m in routers)
+    assert not [name for name, p in model.named_parameters() if name.endswith("mlp.gate.weight") and quantize_routers
+                and ROUTER_WAS_LINEAR[family]]
+    gates = [m for name, m in model.named_modules() if name.endswith(GATE_LINEARS)]
+    assert all((type(m) is not nn.Linear) == quantize_routers for m in gates)
+
+
 # --- configs and the optional extra ---------------------------------------------------------
 
 
-def test_configs_are_the_papers():
+def test_configs_are_the_papers(checkpoint):
     nf4 = quantization_config("nf4")
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
-    assert nf4.bnb_4bit_compute_dtype == torch.bfloat16
-    assert quantization_config("int8").load_in_8bit
+    assert nf4.bnb_4bit_compute_dtype == torch.bfloat16 and nf4.quantize_routers
+    assert quantization_config("int8").load_in_8bit and quantization_config("int8").quantize_routers
     with pytest.raises(ValueError, match="nf4, int8"):
         quantization_config("int4")
+    # quantize= computes in the load dtype: fp32 on CPU, whatever kernel bitsandbytes would pick
+    enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize="nf4")
+    linears = [m for m in enc.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and all(m.compute_dtype == torch.float32 for m in linears)
+    enc.encode(random_texts(3, seed=1))
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
 
 
 @pytest.mark.parametrize("module", ["bitsandbytes", "accelerate"])
@@ -138,10 +171,11 @@ def test_a_users_bitsandbytes_config_quantizes_the_experts_with_its_settings(che
     from transformers import BitsAndBytesConfig
 
     enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
-    reference = transformers_quantized(checkpoint("olmoe"), BitsAndBytesConfig(load_in_4bit=True))
     experts = enc.model.layers[1].mlp.experts
     assert experts.gate.method == "fp4" and not experts.gate.double_quant and not hasattr(experts.gate, "nested_absmax")
-    weights = reference.layers[1].mlp.experts
+    router = enc.model.layers[1].mlp.gate
+    assert isinstance(router, QuantizedRouter) and router.quantized_weight.method == "fp4"
+    weights = eager_model(checkpoint("olmoe")).layers[1].mlp.experts
     inter = weights.gate_up_proj.shape[1] // 2
     for e in range(weights.gate_up_proj.shape[0]):
         assert_slot_is_bitsandbytes_own(experts.up, e, weights.gate_up_proj[e, inter:])
@@ -152,33 +186,106 @@ def test_a_users_bitsandbytes_config_quantizes_the_experts_with_its_settings(che
 def test_quantize_and_quantization_config_conflict(checkpoint):
     with pytest.raises(ValueError, match="either quantize or quantization_config"):
         MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize="nf4", quantization_config=quantization_config("int8"))
+    with pytest.raises(ValueError, match="quantize_routers applies to quantized loading"):
+        MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu", quantize_routers=False)
 
 
 # --- transformers' families -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
-@pytest.mark.parametrize("family", HF_FAMILIES)
-def test_quantized_matches_transformers_forward(checkpoint, family, method):
-    """Linears quantized by transformers, routed experts by moee-fast: HS and RW equal transformers'
-    eager forward of its own quantized model whose experts hold the encoder's decoded ones."""
+@pytest.mark.parametrize("quantize_routers", [True, False])
+@pytest.mark.parametrize("family", HF_FAMILIES + ["qwen3_moe", "deepseek_v2"])
+def test_nf4_equals_the_papers_quantization(checkpoint, family, quantize_routers):
+    """HS and RW under quantize="nf4" equal transformers' eager forward of the checkpoint whose
+    every module the paper quantized holds bitsandbytes' NF4 of its weight (decoded in float64),
+    routers included where the paper's were quantized, or kept in full precision on request."""
     path = checkpoint(family)
     texts = random_texts(9, seed=21, max_words=90)
-    enc = MoEEncoder.from_pretrained(path, device="cpu", quantize=method)
-    reference = transformers_quantized(path, method)
+    enc = MoEEncoder.from_pretrained(path, device="cpu", quantize="nf4", quantize_routers=quantize_routers)
+    assert_routers_as_asked(enc.model, family, quantize_routers)
+    reference = eager_model(path)
+    hold_paper_quantization(reference, family, "nf4", quantize_routers)
+    ref_hs, ref_rw = forward_each_alone(reference, enc.tokenizer, texts)
+    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=family, typical=EXACT, worst=EXACT)
+    assert_quantization_moved_it(path, texts, ref_hs, ref_rw)
+    if ROUTER_WAS_LINEAR[family]:  # the routers' quantization shows in RW: the other setting lies outside
+        other = eager_model(path)
+        hold_paper_quantization(other, family, "nf4", not quantize_routers)
+        _, other_rw = forward_each_alone(other, enc.tokenizer, texts)
+        assert relative_error(enc.encode(texts).rw, other_rw).median() > MOVED
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_int8_matches_transformers_forward(checkpoint, family):
+    """Linears by transformers' LLM.int8(), routed experts and routers weight-only int8 by
+    moee-fast: HS and RW equal transformers' eager forward of its own int8 model whose experts
+    and routers hold bitsandbytes' int8 of the checkpoint's, decoded in float64."""
+    path = checkpoint(family)
+    texts = random_texts(9, seed=21, max_words=90)
+    enc = MoEEncoder.from_pretrained(path, device="cpu", quantize="int8")
+    assert_routers_as_asked(enc.model, family, True)
+    reference = eager_model(path, "int8")
     fp32_experts_hs, fp32_experts_rw = forward_each_alone(reference, enc.tokenizer, texts)
-    decode_experts_into(reference, enc.model)
+    hold_paper_quantization(reference, family, "int8")
     ref_hs, ref_rw = forward_each_alone(reference, enc.tokenizer, texts)
 
-    linear_type = bnb.nn.Linear4bit if method == "nf4" else bnb.nn.Linear8bitLt
-    quantized = [m for m in enc.model.modules() if isinstance(m, linear_type)]
+    quantized = [m for m in enc.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert quantized and all("forward" not in vars(m) for m in quantized)  # no fast-path patch on them
-    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=family + method)
-    # the experts' quantization shows: the same model with fp32 experts lies outside the bounds
+    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=family)
+    # the experts' and routers' quantization shows: the same model with fp32 ones lies outside the bounds
     got = enc.encode(texts)
     assert relative_error(got.hs, fp32_experts_hs).median() > MOVED
     assert relative_error(got.rw, fp32_experts_rw).median() > MOVED
     assert_quantization_moved_it(path, texts, ref_hs, ref_rw)
+
+
+def test_router_is_decoded_once_per_forward_and_scored_in_fp32(checkpoint, monkeypatch):
+    """Loaded in bf16 (compute bf16): each quantized router decodes its weight once per model
+    forward, and its logits, hence RW, are fp32 products of the decoded weight."""
+    enc = MoEEncoder.from_pretrained(checkpoint("mixtral"), device="cpu", quantize="nf4", dtype=torch.bfloat16)
+    routers = [m for m in enc.model.modules() if isinstance(m, QuantizedRouter)]
+    assert len(routers) == 3
+    forwards, inside, decoded = [], [], {i: [] for i in range(len(routers))}
+    enc.model.register_forward_pre_hook(lambda m, a: (forwards.append(1), inside.append(1)) and None)
+    enc.model.register_forward_hook(lambda m, a, o: inside.pop() and None)
+    for i, router in enumerate(routers):
+        original = router.quantized_weight.dequantize
+        monkeypatch.setattr(router.quantized_weight, "dequantize", lambda index, dtype, original=original, i=i: (
+            decoded[i].append(dtype) if inside else None) or original(index, dtype))
+    texts = random_texts(5, seed=9, max_words=30)
+    out = enc.encode(texts, batch_size=2)
+    assert len(forwards) == 3 and all(calls == [torch.float32] * 3 for calls in decoded.values())
+    assert out.rw.dtype == torch.float32 and torch.isfinite(out.rw).all()
+    x = torch.randn(4, enc.hidden_size, dtype=torch.bfloat16)
+    weight = decode_reference(routers[0].quantized_weight.data[0], routers[0].quantized_weight.quant_state(0, torch.float32))
+    logits = routers[0](x)[0]
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits.double(), x.double() @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (64, 32), (7, 9), (1, 64), (48, 64)])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_4bit_linear_on_cpu_is_its_decoded_weight(shape, compute_dtype):
+    """A Linear4bit on CPU computes with its weight as the float64 reference decodes it (odd
+    shapes, where bitsandbytes' own CPU decoding goes wrong), in its compute dtype, never packed."""
+    torch.manual_seed(sum(shape))
+    out_features, in_features = shape
+    linear = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=compute_dtype, quant_type="nf4",
+                               compress_statistics=True)
+    param = bitsandbytes_parameter(torch.randn(shape), "nf4")
+    linear.weight, linear.bias = param, nn.Parameter(torch.randn(out_features))
+    model = nn.Sequential(linear).to("cpu")
+    assert decode_4bit_linears_on_cpu(model) == 1 and isinstance(model[0], bnb.nn.Linear4bit)
+    x = torch.randn(5, 3, in_features)
+    weight = decode_reference(param.data, param.quant_state)
+    expected = x.double() @ weight.T + linear.bias.double()
+    terms = x.double().abs() @ weight.abs().T + linear.bias.double().abs()  # the scale rounding acts on
+    with torch.no_grad():
+        got = model(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 3, out_features)
+    bound = 1e-6 if compute_dtype == torch.float32 else 2e-2
+    assert ((got.double() - expected).abs() / terms).max() <= bound
+    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
@@ -199,6 +306,7 @@ def test_routed_experts_are_quantized(checkpoint, request, family, method):
     report = next(r for r in enc.fast_path.reports if r.part == "experts")
     assert sorted(report.skipped[QUANTIZED_REASON]) == sorted(name for name, _ in experts)
     assert QUANTIZED_REASON in str(enc.fast_path)
+    assert_routers_as_asked(enc.model, family, True)
 
 
 def test_experts_are_quantized_while_loading(checkpoint, monkeypatch):
@@ -235,14 +343,18 @@ def deepseek_path(tmp_path_factory, tokenizer_corpus):
     return write_checkpoint(tmp_path_factory.mktemp("deepseek-quant"), tokenizer_corpus, seed=5)
 
 
-def quantize_after_plain_load(path, method):
-    """The reference: a plain fp32 load, then every nn.Linear swapped for its bitsandbytes module
-    built directly from bitsandbytes (not through moee-fast or transformers); its routed experts
-    stay fp32 until `decode_experts_into`."""
+def plain_deepseek(path):
     from moee_fast.loading.models import load_deepseek
 
     model = load_deepseek(path, dtype=torch.float32, device="cpu")
     model.config._attn_implementation = "eager"
+    return model
+
+
+def quantize_after_plain_load(path, method):
+    """A plain fp32 load, then every nn.Linear swapped for its bitsandbytes module built directly
+    from bitsandbytes (not through moee-fast or transformers); its routed experts stay fp32."""
+    model = plain_deepseek(path)
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
@@ -255,7 +367,6 @@ def quantize_after_plain_load(path, method):
             new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=False, has_fp16_weights=False, threshold=6.0)
             new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to("cpu")
         model.set_submodule(name, new.eval())
-    avoid_unsupported_cpu_packing(model)
     return model
 
 
@@ -284,20 +395,36 @@ def quantized_state(model):
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
-def test_deepseek_streamed_quantization_matches_quantizing_after_load(deepseek_path, method):
-    texts = random_texts(8, seed=4, max_words=40)
+def test_deepseek_streamed_quantization_is_quantizing_after_load(deepseek_path, method):
     enc = MoEEncoder.from_pretrained(deepseek_path, device="cpu", quantize=method)
-    reference = quantize_after_plain_load(deepseek_path, method)
-
-    streamed, expected = quantized_state(enc.model), quantized_state(reference)
+    streamed, expected = quantized_state(enc.model), quantized_state(quantize_after_plain_load(deepseek_path, method))
     assert streamed.keys() == expected.keys() and len(streamed) > 0
     for name in expected:  # the same bits, whether quantized as read or after a full load
         assert torch.equal(streamed[name].view(torch.uint8), expected[name].view(torch.uint8)), name
 
-    fp32_experts_hs, _ = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
-    decode_experts_into(reference, enc.model)  # the experts too: bitsandbytes' bytes of the streamed weights
+
+@pytest.mark.parametrize("quantize_routers", [True, False])
+def test_deepseek_nf4_equals_the_papers_quantization(deepseek_path, quantize_routers):
+    """Every nn.Linear (shared experts of width 48 included) and routed expert in NF4, the router
+    (a bare weight in the authors' code too) in fp32 whatever quantize_routers says."""
+    texts = random_texts(8, seed=4, max_words=40)
+    enc = MoEEncoder.from_pretrained(deepseek_path, device="cpu", quantize="nf4", quantize_routers=quantize_routers)
+    assert_routers_as_asked(enc.model, "deepseek", quantize_routers)
+    reference = plain_deepseek(deepseek_path)
+    hold_paper_quantization(reference, "deepseek", "nf4")
     ref_hs, ref_rw = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
-    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=method)
+    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed=quantize_routers, typical=EXACT, worst=EXACT)
+    assert_quantization_moved_it(deepseek_path, texts, ref_hs, ref_rw)
+
+
+def test_deepseek_int8_matches_quantizing_after_load(deepseek_path):
+    texts = random_texts(8, seed=4, max_words=40)
+    enc = MoEEncoder.from_pretrained(deepseek_path, device="cpu", quantize="int8")
+    reference = quantize_after_plain_load(deepseek_path, "int8")
+    fp32_experts_hs, _ = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
+    hold_paper_quantization(reference, "deepseek", "int8")  # the experts: bitsandbytes' int8, decoded
+    ref_hs, ref_rw = deepseek_forward_each_alone(reference, enc.tokenizer, texts)
+    assert_close_in_any_batching(enc, texts, ref_hs, ref_rw, seed="int8")
     assert relative_error(enc.encode(texts).hs, fp32_experts_hs).median() > MOVED
     assert_quantization_moved_it(deepseek_path, texts, ref_hs, ref_rw)
 
@@ -361,6 +488,11 @@ def test_cli_quantize_flag(checkpoint, tmp_path):
     plain = MoEEncoder.from_pretrained(path, device="cpu").encode(list(SAMPLE_TEXTS))
     assert relative_error(plain.hs, expected.hs).max() > 1e-5
     assert main(["encode", "--model", path, "--quantize", "int4"]) == 2  # a usage error: one line, exit 2
+    assert main(["encode", "--model", path, "--full-precision-routers", "--output", str(tmp_path / "f.safetensors")]) == 2
+    assert main(["encode", "--model", path, "--device", "cpu", "--quantize", "nf4", "--full-precision-routers",
+                 "--output", str(tmp_path / "f.safetensors")]) == 0
+    expected = MoEEncoder.from_pretrained(path, device="cpu", quantize="nf4", quantize_routers=False).encode(list(SAMPLE_TEXTS))
+    assert torch.equal(MoEEmbeddings.load(str(tmp_path / "f.safetensors")).rw, expected.rw)
     texts = tmp_path / "texts.txt"
     texts.write_text("one\ntwo\n")
     assert main(["encode", "--model", path, "--quantize", "nf4", "--input", str(texts), "--output", str(tmp_path / "job")]) == 2
@@ -385,7 +517,10 @@ def test_readme_memory_table_is_the_computed_one():
     mixtral = sizes.sizes(sizes.REAL_MODELS[0])
     assert mixtral["params"] == 46_702_792_704 - 32000 * 4096  # Mixtral-8x7B's published count, less its LM head
     assert mixtral["nf4 moee-fast"] < mixtral["int8 moee-fast"] < mixtral["nf4 transformers 5"] < mixtral["bf16"]
-    assert 0 < mixtral["nf4 moee-fast"] - mixtral["nf4 every linear"] < 1e-3 * mixtral["nf4 every linear"]  # routers bf16
+    assert mixtral["nf4 moee-fast"] == mixtral["nf4 every linear"]  # the paper's modules, routers included
+    assert 0 < mixtral["nf4 moee-fast routers bf16"] - mixtral["nf4 moee-fast"] < 1e-3 * mixtral["nf4 moee-fast"]
+    deepseek = sizes.sizes(sizes.REAL_MODELS[1])  # its router was never quantized
+    assert deepseek["nf4 moee-fast routers bf16"] == deepseek["nf4 moee-fast"] == deepseek["nf4 every linear"]
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]

@@ -5,57 +5,19 @@ what an independent float64 decoding of those bytes gives."""
 import pytest
 import torch
 
+from conftest import assert_slot_is_bitsandbytes_own, decode_reference, expected_quantized_bytes
 from moee_fast.loading.quantization.experts import QuantizedExperts, QuantizedMatrices, make_quantized, quantized_nbytes
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized path needs pip install moee-fast[quant]")
 
-# The NF4 code of the QLoRA paper (Dettmers et al. 2023, appendix E), written out here so the
-# reference decoding does not read bitsandbytes' table.
-NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
 METHODS = ["nf4", "int8"]
 
 
 def dequantize_reference(matrices: QuantizedMatrices, index: int) -> torch.Tensor:
-    """Slot `index` decoded in float64 from its stored bytes and statistics: int8 rows times their
-    absmax / 127; NF4 nibbles (high first) looked up in the NF4 code, times their block's absmax,
-    itself decoded from its 8-bit code, its 256-block scale and the offset."""
-    rows, cols = matrices.rows, matrices.cols
+    """Slot `index` decoded in float64 from its stored bytes and statistics (conftest's decoder)."""
     if matrices.method == "int8":
-        return matrices.data[index].double() * matrices.scale[index].double()[:, None] / 127
-    packed = matrices.data[index].long()
-    nibbles = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[: rows * cols]
-    codes = matrices.absmax[index].long()
-    nested_scale = matrices.nested_absmax[index].double().repeat_interleave(256)[: codes.numel()]
-    absmax = matrices.nested_code.double()[codes] * nested_scale + matrices.offset[index].double()
-    values = torch.tensor(NF4, dtype=torch.float64)[nibbles] * absmax.repeat_interleave(matrices.blocksize)[: rows * cols]
-    return values.reshape(rows, cols)
-
-
-def bitsandbytes_parameter(weight: torch.Tensor, matrices: QuantizedMatrices):
-    """What a per-expert Linear4bit / Linear8bitLt with the settings of `matrices` holds for `weight`."""
-    if matrices.method == "int8":
-        return bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
-    return bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=matrices.method,
-                             compress_statistics=matrices.double_quant).to("cpu")
-
-
-def assert_slot_is_bitsandbytes_own(matrices: QuantizedMatrices, index: int, weight: torch.Tensor) -> None:
-    """The packed bytes and statistics of slot `index` equal bitsandbytes' own parameter's, bit for bit."""
-    param = bitsandbytes_parameter(weight, matrices)
-    if matrices.method == "int8":
-        assert torch.equal(matrices.data[index], param.data) and torch.equal(matrices.scale[index], param.SCB)
-        return
-    state = param.quant_state
-    assert torch.equal(matrices.data[index], param.data.view(-1)) and torch.equal(matrices.code, state.code)
-    assert torch.equal(matrices.absmax[index], state.absmax)
-    if matrices.double_quant:
-        assert torch.equal(matrices.offset[index], state.offset) and torch.equal(matrices.nested_absmax[index], state.state2.absmax)
-        assert torch.equal(matrices.nested_code, state.state2.code)
+        return decode_reference(matrices.data[index], matrices.scale[index])
+    return decode_reference(matrices.data[index], matrices.quant_state(index, torch.float32))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -160,14 +122,3 @@ def test_quantized_size_is_the_computed_one(method):
     for name, tensor in stacked.items():
         module.store_stacked(name, tensor)
     assert quantized_nbytes(module) == expected_quantized_bytes(experts, hidden, inter, method)
-
-
-def expected_quantized_bytes(experts: int, hidden: int, inter: int, method: str) -> int:
-    """Bytes of a layer's quantized gate, up and down matrices: int8 a byte per weight and a float
-    scale per row; NF4 half a byte per weight, a byte per 64-block, a float per 256 blocks and an
-    offset per matrix, and the two code tables per kind."""
-    weights = 3 * experts * hidden * inter
-    if method == "int8":
-        return weights + 4 * experts * (2 * inter + hidden)
-    blocks = -(-hidden * inter // 64)
-    return -(-hidden * inter // 2) * 3 * experts + 3 * experts * (blocks + 4 * -(-blocks // 256) + 4) + 3 * 4 * (16 + 256)

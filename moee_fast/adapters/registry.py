@@ -25,6 +25,12 @@ class Adapter:
     # from the model's `_can_record_outputs["router_logits"]` recorder (transformers v5).
     router_class: str | None = None
     logits_index: int = 0
+    # What the paper's bitsandbytes loading quantized besides the linears (every nn.Linear but
+    # lm_head of the family's transformers-4.x code): the routers where they were nn.Linear there
+    # (DeepSeek's MoEGate held a bare weight, left in the load dtype), and the gating linears that
+    # `quantize_routers=False` keeps in full precision along with the routers.
+    router_was_linear: bool = True
+    gate_linears: tuple[str, ...] = ()
 
     def routers(self, model: nn.Module) -> list[nn.Module]:
         """The MoE routers of `model`, in layer order (dense layers have none)."""

@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters import Adapter, adapter_for
 from . import checkpoint
 from .placement import input_device, placement, resolve_device, resolve_dtype
-from .quantization import avoid_unsupported_cpu_packing, run_int8_linears_on_rows, with_quantization
+from .quantization import decode_4bit_linears_on_cpu, run_int8_linears_on_rows, with_quantization
 
 # Keys of load's **hf_kwargs that also apply to the config and tokenizer.
 _SHARED_HF_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
@@ -34,7 +34,8 @@ class Loaded(NamedTuple):
     name: str  # the path or Hub id, user directory expanded
 
 
-def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str | None = None, **hf_kwargs) -> Loaded:
+def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str | None = None,
+         quantize_routers: bool | None = None, **hf_kwargs) -> Loaded:
     """Load a Mixture-of-Experts checkpoint (local directory or Hub id); the options are those of
     MoEEncoder.from_pretrained."""
     from transformers import AutoModel
@@ -48,7 +49,7 @@ def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str
     if hf_kwargs.pop("attn_implementation", None) is not None:
         warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=3)
     checkpoint.refuse_remote_code(hf_kwargs)
-    hf_kwargs = with_quantization(hf_kwargs, quantize, device)
+    hf_kwargs = with_quantization(hf_kwargs, quantize, device, dtype, quantize_routers)
     shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
     try:
         config = checkpoint.load_config(name, **shared)
@@ -63,7 +64,7 @@ def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str
         else:
             kwargs = checkpoint.transformers_kwargs(hf_kwargs)
             model = AutoModel.from_pretrained(name, dtype=dtype, **placement(device, kwargs), **kwargs)
-    avoid_unsupported_cpu_packing(model)
+    decode_4bit_linears_on_cpu(model)
     run_int8_linears_on_rows(model)
     tokenizer = checkpoint.load_tokenizer(name, **shared)
     return Loaded(model, tokenizer, adapter, name)

@@ -9,7 +9,7 @@ weight would store it, into one `QuantizedMatrices` per kind and layer; the stac
 dropped. The forward runs the per-expert loop of moee_fast.fastpath.experts and dequantizes only
 the active experts' matrices, to the dtype of the activations (the load dtype), for their tokens.
 
-Loading: `ExpertsBitsAndBytesConfig` (what moee_fast.quantize builds) selects a transformers
+Loading: `ExpertsBitsAndBytesConfig` (what quantization/__init__.py builds) selects a transformers
 quantizer that turns each experts module into a `QuantizedExperts` before any weight is read and
 quantizes each stacked tensor as it arrives, one layer's tensor at a time.
 """
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ...fastpath.experts import sorted_experts_loop
+from .decoding import decode_4bit
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantizing the 4-bit absmax
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -104,30 +105,15 @@ class QuantizedMatrices(nn.Module):
 
     def dequantize(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """Matrix `index` as a [rows, cols] tensor of `dtype`: bitsandbytes' dequantizer on CUDA,
-        the same decoding in torch elsewhere (bitsandbytes 0.50's CPU 4-bit kernel decodes some
-        shapes wrongly, e.g. [40, 48] and [64, 32] with blocksize 64)."""
+        moee-fast's fp32 decoder elsewhere (decoding.py: bitsandbytes' CPU one is wrong for some
+        shapes)."""
         import bitsandbytes.functional as bnbf
 
         if self.method == "int8":
             return bnbf.int8_vectorwise_dequant(self.data[index], self.scale[index]).to(dtype)
         if self.data.is_cuda:
             return bnbf.dequantize_4bit(self.data[index].view(-1, 1), self.quant_state(index, dtype))
-        return self._decode_4bit(index).to(dtype)
-
-    def _decode_4bit(self, index: int) -> torch.Tensor:
-        """fp32 decoding: each byte looked up as its two values (high nibble first), times its
-        block's absmax."""
-        size = self.rows * self.cols
-        absmax = self.absmax[index]
-        if self.double_quant:
-            nested = self.nested_absmax[index].repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
-            absmax = self.nested_code[absmax.long()] * nested + self.offset[index]
-        byte = torch.arange(256, device=self.code.device)
-        pairs = torch.stack([self.code[byte >> 4], self.code[byte & 15]], dim=1)  # byte -> its two values
-        values = pairs[self.data[index].long()].view(-1)[:size]
-        if size % self.blocksize:
-            values = torch.cat([values, values.new_zeros(absmax.numel() * self.blocksize - size)])
-        return (values.view(-1, self.blocksize) * absmax[:, None]).view(-1)[:size].view(self.rows, self.cols)
+        return decode_4bit(self.data[index], self.quant_state(index, torch.float32)).to(dtype)
 
 
 class QuantizedExperts(nn.Module):
