@@ -99,7 +99,7 @@ def _encode_to_file(model: str, label: str, args) -> int:
     out.save(args.output, overwrite=args.overwrite)
     tokens = int(out.metadata["tokens"])
     print(
-        f"encoded {len(rows)} texts ({tokens} tokens) in {seconds:.2f} s: "
+        f"encoded {len(rows)} text{'' if len(rows) == 1 else 's'} ({tokens} tokens) in {seconds:.2f} s: "
         f"{len(rows) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s\n"
         f"hs {tuple(out.hs.shape)}  rw {tuple(out.rw.shape)} "
         f"({encoder.adapter.family}: {encoder.num_moe_layers} MoE layers x {encoder.num_experts} experts)\n"
