@@ -188,7 +188,9 @@ def cmd_mteb(args) -> int:
     try:
         tasks = get_tasks(task_names)
     except KeyError as exc:
-        raise SystemExit(f"moee mteb: {exc.args[0] if exc.args else exc}")
+        detail = str(exc.args[0] if exc.args else exc).removeprefix("KeyError: ")
+        raise SystemExit(f"moee mteb: unknown task: {detail} (mteb.get_tasks() lists the task names)")
+    _refuse_uncached_tasks_offline(tasks)
     encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         model = MoEEModel(
@@ -322,6 +324,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(commands)
     return parser
+
+
+def _refuse_uncached_tasks_offline(tasks) -> None:
+    """Offline, a task whose dataset is not in the Hugging Face cache would fail only after the
+    model loads and the Hub is retried: refuse at once, naming the datasets."""
+    from huggingface_hub import snapshot_download
+
+    from .loading import hub_offline_reason
+
+    offline = hub_offline_reason()
+    if not offline:
+        return
+    missing = []
+    for task in tasks:
+        dataset = task.metadata.dataset
+        try:
+            snapshot_download(dataset["path"], repo_type="dataset", revision=dataset.get("revision"), local_files_only=True)
+        except Exception:  # any miss: not in the cache at that revision
+            missing.append(f"{task.metadata.name} ({dataset['path']})")
+    if missing:
+        raise SystemExit(f"moee mteb: offline ({offline}) and these tasks' datasets are not in the Hugging Face cache: "
+                         f"{', '.join(missing)}; run the same command once on a connected machine (the cache is then "
+                         "used offline, with HF_HUB_OFFLINE=1)")
 
 
 def main(argv: list[str] | None = None) -> int:
