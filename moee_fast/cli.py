@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import stat
 import sys
 import time
 
@@ -49,6 +52,10 @@ def _check_encode_args(args) -> None:
                          "give --output a directory, not a .safetensors file")
     if args.engine == "ray" and args.devices:
         raise UsageError("moee encode: --engine ray places work through Ray; leave out --devices")
+    output_stat = os.stat(args.output) if os.path.exists(args.output) else None
+    if output_stat and not (stat.S_ISREG(output_stat.st_mode) or stat.S_ISDIR(output_stat.st_mode)):
+        raise ValueError(f"{args.output}: output is not a regular file or directory (a device, pipe or socket); "
+                         "embeddings go to a .safetensors file or a corpus directory, never to a device, /dev/null included")
     if args.output.lower().endswith(".parquet") or not args.output.strip():
         raise UsageError(f"moee encode: --output {args.output!r}: give a .safetensors file or a directory "
                          "(with --format parquet, a directory of part-*.parquet files that reads as one dataset)")
@@ -376,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, OSError) and len(exc.args) == 1 else str(exc)
+    text = re.sub(r"(--[\w-]+) \(\w+=[^()]*\)", r"\1", text)  # the library names both flag and argument: keep the flag
     return " ".join(text.split())
 
 
