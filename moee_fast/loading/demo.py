@@ -94,6 +94,15 @@ def build_demo_checkpoint(path: str) -> str:
     return path
 
 
+def is_demo_checkpoint(path: str) -> bool:
+    """Whether `path` is a demo checkpoint (its README, written by build_demo_checkpoint, says so)."""
+    try:
+        with open(os.path.join(os.fspath(path), "README.md"), encoding="utf-8") as f:
+            return f.readline().strip() == f"# {DEMO_LABEL}"
+    except OSError:
+        return False
+
+
 def demo_checkpoint() -> str:
     """Path of the demo checkpoint in the user's cache, built there on first use."""
     target = os.path.join(cache_dir(), DEMO_NAME)
