@@ -230,3 +230,15 @@ def test_gpu_ledger_counts_every_kernel_of_each_design_for_the_four_shapes(tmp_p
     assert gate_up.writes == 8 * 1024 * 2 and gate_up.gemm
     gpu_ledger.main(["--out", str(tmp_path / "ledger.md")])
     assert "| OLMoE-1B-7B | vLLM |" in (tmp_path / "ledger.md").read_text()
+
+
+def test_bench_quick_mode_runs_one_family_on_a_small_corpus(monkeypatch):
+    from benchmarks.bench_encode import N_TEXTS, QUICK_TEXTS, corpus_size, selected_families
+
+    monkeypatch.delenv("MOEE_FAST_BENCH_FAMILIES", raising=False)
+    monkeypatch.setenv("MOEE_FAST_BENCH_QUICK", "1")
+    assert selected_families() == ["olmoe"] and corpus_size("olmoe") == QUICK_TEXTS < N_TEXTS["olmoe"]
+    monkeypatch.setenv("MOEE_FAST_BENCH_FAMILIES", "deepseek")
+    assert selected_families() == ["deepseek"]  # named families still win
+    monkeypatch.setenv("MOEE_FAST_BENCH_QUICK", "0")
+    assert corpus_size("olmoe") == N_TEXTS["olmoe"]
