@@ -23,14 +23,14 @@ FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", flags=re.S | re.M)
 COMPILE_ONLY = {
     "from vllm": "needs vLLM's own environment (tests/test_vllm.py runs these there)",
     "mteb.evaluate": "MTEB downloads each task's dataset from the network",
-    "OpenAI(": "needs a running `moee serve`",
+    "OpenAI(": "needs a running `moee serve` (tests/test_serve.py runs it against one)",
 }
 # A shell command starting so -> why it is only syntax-checked.
 SHELL_NOT_RUN = {
     "pip ": "installs packages (network)",
     "python3 -m venv": "creates an environment and installs packages (network)",
     "export ": "sets the environment of the reader's shell",
-    "curl ": "needs a running `moee serve`",
+    "curl ": "needs a running `moee serve` (tests/test_serve.py runs it against one)",
     "pytest ": "runs a benchmark (minutes)",
     "MOEE_FAST_BENCH": "runs a benchmark (minutes)",
     "python -m benchmarks": "runs a benchmark or a GPU report",
