@@ -5,7 +5,9 @@ Run: pytest benchmarks/bench_encode.py
 Same checkpoint, texts and machine, in one run: texts/s, tokens/s, peak memory, and useful
 GFLOP/s as a fraction of the fp32 matmul peak measured beside each timing. Set
 MOEE_FAST_BENCH_FAMILIES=olmoe,mixtral for a subset of families, and MOEE_FAST_BENCH_TEXTS=path.txt
-(or .jsonl) to use real texts instead of the synthetic mix.
+(or .jsonl) to use real texts instead of the synthetic mix. `--quick` (or MOEE_FAST_BENCH_QUICK=1):
+OLMoE only unless families are named, 16 texts, one round, one memory shape: a few minutes.
+Results are written after each case (benchmarks/results/cpu_encode[_quick]_<date>.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 
 from benchmarks.conftest import matmul_peak_gflops
 from benchmarks.corpus import load_corpus, synthetic_corpus
-from benchmarks.helpers import max_row_relative_error
+from benchmarks.helpers import max_row_relative_error, quick
 from benchmarks.memory import peak_memory_mib
 from benchmarks.models import build_checkpoint, embedding_flops
 from benchmarks.reference_path import (
@@ -34,6 +36,7 @@ from moee_fast import MoEEncoder
 # minutes where moee-fast needs seconds; these keep one reference round to about a minute
 # (benchmarks/results/cpu_encode_*.md).
 N_TEXTS = {"olmoe": 128, "mixtral": 128, "qwen2_moe": 64, "deepseek": 64}
+QUICK_TEXTS = 16
 REFERENCE_BATCH = 128
 # name -> (load the model, encode, batch size, whether it sorts texts by length before batching)
 BASELINES = {
@@ -48,14 +51,18 @@ def selected_families() -> list[str]:
     unknown = [name for name in wanted if name not in N_TEXTS]
     if unknown:
         raise ValueError(f"MOEE_FAST_BENCH_FAMILIES names unknown families {unknown}; choose from {list(N_TEXTS)}")
-    return wanted or list(N_TEXTS)
+    return wanted or (["olmoe"] if quick() else list(N_TEXTS))
+
+
+def corpus_size(model: str) -> int:
+    return min(QUICK_TEXTS, N_TEXTS[model]) if quick() else N_TEXTS[model]
 
 
 def _corpus(tokenizer, model: str) -> list[str]:
     path = os.environ.get("MOEE_FAST_BENCH_TEXTS")
     if path:
-        return load_corpus(path, limit=N_TEXTS[model])
-    return synthetic_corpus(tokenizer, N_TEXTS[model], seed=0)
+        return load_corpus(path, limit=corpus_size(model))
+    return synthetic_corpus(tokenizer, corpus_size(model), seed=0)
 
 
 _ENCODERS: dict[str, MoEEncoder] = {}
@@ -91,7 +98,7 @@ def test_encode_throughput(benchmark, model, bench_dir, fp32_peak, results):
         round_peaks.append(matmul_peak_gflops())
         return (texts,), {}
 
-    out = benchmark.pedantic(enc.encode, setup=sample_peak, rounds=3, iterations=1)
+    out = benchmark.pedantic(enc.encode, setup=sample_peak, rounds=1 if quick() else 3, iterations=1)
     sample_peak()
     fp32_peak.extend(round_peaks)
     results["encode"].append(dict(
@@ -140,7 +147,10 @@ def test_encode_peak_memory(model, bench_dir, results):
     assert rows["moee-fast"]["peak_mib"] < rows["reference"]["peak_mib"]
 
 
-@pytest.mark.parametrize("batch,length", [(8, 128), (8, 512), (32, 128), (32, 512)])
+MEMORY_SHAPES = [(8, 128), (8, 512), (32, 128), (32, 512)]
+
+
+@pytest.mark.parametrize("batch,length", MEMORY_SHAPES[:1] if quick() else MEMORY_SHAPES)
 def test_memory_curve(model_for_memory, batch, length, bench_dir, results):
     """Peak memory of one forward (measured after every timing: see memory.py): the reference path keeps every layer's hidden states and the
     full-vocabulary logits (grows with batch x length x (layers x hidden + vocabulary)); the

@@ -7,15 +7,25 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.helpers import RESULTS_DIR, markdown_table, matmul_flops_per_s
+from benchmarks.helpers import QUICK_ENV, RESULTS_DIR, markdown_table, matmul_flops_per_s, quick
 
 RESULTS: dict[str, list[dict]] = {"encode": [], "memory": []}
 PEAKS: list[float] = []
 PATHS = ("moee-fast", "careful", "reference")  # table order: ours, then the two baselines
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help=f"quick mode of the benchmarks (same as {QUICK_ENV}=1)")
+
+
+def pytest_configure(config):
+    if config.getoption("--quick", default=False):  # before collection: the quick mode parametrizes less
+        os.environ[QUICK_ENV] = "1"
 
 
 def matmul_peak_gflops() -> float:
@@ -75,14 +85,13 @@ def _memory_table(rows: list[dict]) -> list[str]:
     return markdown_table(["model", "batch x tokens", *(f"{p} peak MiB" for p in PATHS)], cells)
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not (RESULTS["encode"] or RESULTS["memory"]):
-        return
+def _report_lines() -> list[str]:
     peak = max(PEAKS) if PEAKS else float("nan")
     lines = [
         f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s "
-        f"(the largest of {len(PEAKS)} samples taken through the run, {min(PEAKS):.1f} to {peak:.1f})",
+        f"(the largest of {len(PEAKS)} samples taken through the run, {min(PEAKS, default=float('nan')):.1f} to {peak:.1f})",
+        *(["Quick mode: one family, a small corpus, one round: a first check, not numbers to quote."] if quick() else []),
         "",
         "Paths: moee-fast; careful = the careful transformers loop (AutoModel, sorted by length, batches of 32",
         "right-padded, SDPA, default experts); reference = the published evaluation loop (batches of 128,",
@@ -99,11 +108,28 @@ def pytest_terminal_summary(terminalreporter):
     if RESULTS["memory"]:
         lines += ["Peak resident memory above the loaded model, one forward of a fixed shape:", ""]
         lines += _memory_table(RESULTS["memory"]) + [""]
-    terminalreporter.write_sep("=", "moee-fast vs the careful transformers loop and the reference path")
-    for line in lines:
-        terminalreporter.write_line(line)
+    return lines
+
+
+def _write_results() -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = RESULTS_DIR / f"cpu_encode_{stamp}.md"
-    path.write_text(f"# CPU encode benchmark, {stamp}\n\n" + "\n".join(lines) + "\n")
+    path = RESULTS_DIR / f"cpu_encode{'_quick' if quick() else ''}_{stamp}.md"
+    path.write_text(f"# CPU encode benchmark{' (quick mode)' if quick() else ''}, {stamp}\n\n" + "\n".join(_report_lines()) + "\n")
+    return path
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """Results are written as each case ends, so a run stopped early keeps what it measured."""
+    if RESULTS["encode"] or RESULTS["memory"]:
+        _write_results()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not (RESULTS["encode"] or RESULTS["memory"]):
+        return
+    terminalreporter.write_sep("=", "moee-fast vs the careful transformers loop and the reference path")
+    for line in _report_lines():
+        terminalreporter.write_line(line)
+    path = _write_results()
     terminalreporter.write_line(f"written to {os.path.relpath(path)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -17,6 +18,12 @@ import torch
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_ENV = "MOEE_FAST_BENCH_QUICK"  # or pytest's --quick: one family, a small corpus, one round
+
+
+def quick() -> bool:
+    """Whether the benchmarks run in their quick mode (minutes, for a first check, not for numbers to quote)."""
+    return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class Timing(NamedTuple):

@@ -1,6 +1,6 @@
 """Weight memory of the real models in bf16, NF4 and int8, computed from their configs.
 
-Run: python benchmarks/model_sizes.py   (prints the README's "Memory" table)
+Run: python benchmarks/model_sizes.py   (prints the table of docs/memory.md)
 Counts the base model moee-fast loads (no LM head): embeddings, attention, routers, experts,
 norms. Bytes per weight of a quantized linear, as bitsandbytes stores it:
 - NF4 with double quantization: 4 bits, plus one 8-bit absmax per 64 weights, plus one fp32

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import stat
 import sys
 import time
 
@@ -49,6 +52,10 @@ def _check_encode_args(args) -> None:
                          "give --output a directory, not a .safetensors file")
     if args.engine == "ray" and args.devices:
         raise UsageError("moee encode: --engine ray places work through Ray; leave out --devices")
+    output_stat = os.stat(args.output) if os.path.exists(args.output) else None
+    if output_stat and not (stat.S_ISREG(output_stat.st_mode) or stat.S_ISDIR(output_stat.st_mode)):
+        raise ValueError(f"{args.output}: output is not a regular file or directory (a device, pipe or socket); "
+                         "embeddings go to a .safetensors file or a corpus directory, never to a device, /dev/null included")
     if args.output.lower().endswith(".parquet") or not args.output.strip():
         raise UsageError(f"moee encode: --output {args.output!r}: give a .safetensors file or a directory "
                          "(with --format parquet, a directory of part-*.parquet files that reads as one dataset)")
@@ -99,7 +106,7 @@ def _encode_to_file(model: str, label: str, args) -> int:
     out.save(args.output, overwrite=args.overwrite)
     tokens = int(out.metadata["tokens"])
     print(
-        f"encoded {len(rows)} texts ({tokens} tokens) in {seconds:.2f} s: "
+        f"encoded {len(rows)} text{'' if len(rows) == 1 else 's'} ({tokens} tokens) in {seconds:.2f} s: "
         f"{len(rows) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s\n"
         f"hs {tuple(out.hs.shape)}  rw {tuple(out.rw.shape)} "
         f"({encoder.adapter.family}: {encoder.num_moe_layers} MoE layers x {encoder.num_experts} experts)\n"
@@ -197,7 +204,9 @@ def cmd_mteb(args) -> int:
     try:
         tasks = get_tasks(task_names)
     except KeyError as exc:
-        raise SystemExit(f"moee mteb: {exc.args[0] if exc.args else exc}")
+        detail = str(exc.args[0] if exc.args else exc).removeprefix("KeyError: ")
+        raise SystemExit(f"moee mteb: unknown task: {detail} (mteb.get_tasks() lists the task names)")
+    _refuse_uncached_tasks_offline(tasks)
     encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype, **_quantization(args))
     try:
         model = MoEEModel(
@@ -335,6 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_uncached_tasks_offline(tasks) -> None:
+    """Offline, a task whose dataset is not in the Hugging Face cache would fail only after the
+    model loads and the Hub is retried: refuse at once, naming the datasets."""
+    from huggingface_hub import snapshot_download
+
+    from .loading import hub_offline_reason
+
+    offline = hub_offline_reason()
+    if not offline:
+        return
+    missing = []
+    for task in tasks:
+        dataset = task.metadata.dataset
+        try:
+            snapshot_download(dataset["path"], repo_type="dataset", revision=dataset.get("revision"), local_files_only=True)
+        except Exception:  # any miss: not in the cache at that revision
+            missing.append(f"{task.metadata.name} ({dataset['path']})")
+    if missing:
+        raise SystemExit(f"moee mteb: offline ({offline}) and these tasks' datasets are not in the Hugging Face cache: "
+                         f"{', '.join(missing)}; run the same command once on a connected machine (the cache is then "
+                         "used offline, with HF_HUB_OFFLINE=1)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; an expected error prints one line and returns 2 (usage) or 1, Ctrl-C
     returns 130; tracebacks only with --debug."""
@@ -362,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, OSError) and len(exc.args) == 1 else str(exc)
+    text = re.sub(r"(--[\w-]+) \(\w+=[^()]*\)", r"\1", text)  # the library names both flag and argument: keep the flag
     return " ".join(text.split())
 
 

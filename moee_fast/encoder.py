@@ -100,14 +100,14 @@ class MoEEncoder:
 
     def encode(
         self,
-        texts: Sequence[str],
+        texts: str | Sequence[str],
         batch_size: int | None = None,
         prompt: str | None = None,
         max_length: int | None = None,
         show_progress_bar: bool | None = None,
         rw_source: str = "scores",
     ) -> MoEEmbeddings:
-        """Embed `texts`; rows of the result follow the input order.
+        """Embed `texts` (a list of strings, or one string: a result of one row); rows of the result follow the input order.
 
         batch_size: most texts per forward (None: only the token budget limits a batch).
         prompt: None (text verbatim) or a template containing `{text}`.
@@ -115,6 +115,8 @@ class MoEEncoder:
         rw_source: "scores" (RW as defined: the family's scoring function of the router logits,
             in fp32) or "logits" (the raw router logits, as some published evaluations used).
         """
+        if isinstance(texts, str):  # one text, as sentence-transformers takes it: a result of one row
+            texts = [texts]
         texts = _check_texts(texts)
         check_unicode(texts)
         batch_size = check_positive_int("batch_size", batch_size, allow_none=True)

@@ -50,8 +50,8 @@ def atomic_path(path: str, overwrite: bool = True):
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 (or a writer's own) would outlive the rename
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:

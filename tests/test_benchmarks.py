@@ -295,3 +295,15 @@ def test_random_deepseek_checkpoint_has_the_published_layout(tmp_path, tokenizer
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in weight_map and "model.layers.0.mlp.up_proj.weight" in weight_map
     out = MoEEncoder.from_pretrained(str(tmp_path), device="cpu").encode(random_texts(3, seed=2, max_words=20))
     assert out.rw.shape == (3, 1, 4) and torch.isfinite(out.hs).all()
+
+
+def test_bench_quick_mode_runs_one_family_on_a_small_corpus(monkeypatch):
+    from benchmarks.bench_encode import N_TEXTS, QUICK_TEXTS, corpus_size, selected_families
+
+    monkeypatch.delenv("MOEE_FAST_BENCH_FAMILIES", raising=False)
+    monkeypatch.setenv("MOEE_FAST_BENCH_QUICK", "1")
+    assert selected_families() == ["olmoe"] and corpus_size("olmoe") == QUICK_TEXTS < N_TEXTS["olmoe"]
+    monkeypatch.setenv("MOEE_FAST_BENCH_FAMILIES", "deepseek")
+    assert selected_families() == ["deepseek"]  # named families still win
+    monkeypatch.setenv("MOEE_FAST_BENCH_QUICK", "0")
+    assert corpus_size("olmoe") == N_TEXTS["olmoe"]

@@ -26,6 +26,16 @@ def test_encode_defaults_to_the_demo_model_and_samples(demo_cache, tmp_path, cap
     assert "untrained" in loaded.metadata["model"]
 
 
+def test_one_text_is_singular_and_the_file_follows_the_umask(demo_cache, tmp_path, capsys):
+    source, out_file = tmp_path / "one.txt", tmp_path / "one.safetensors"
+    source.write_text("a single text\n")
+    assert main(["encode", "--input", str(source), "--output", str(out_file)]) == 0
+    assert capsys.readouterr().out.startswith("encoded 1 text (")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out_file.stat().st_mode & 0o777 == 0o666 & ~mask  # readable as any file the user writes
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "stdin"])
 def test_encode_reads_txt_jsonl_and_stdin(demo_cache, tmp_path, monkeypatch, kind):
     import io
@@ -100,6 +110,10 @@ def test_outputs_are_never_clobbered(demo_cache, tmp_path, capsys, no_model_load
     assert code == 1  # .safetensors is not a text input: refused by name before anything is written
     assert existing.read_bytes() == b"precious" and os.path.islink(link) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert source.read_text() == "one\ntwo\n"
+    code, line = run_cli(["encode", "--input", str(source), "--output", os.devnull], capsys)
+    assert code == 1 and line.startswith(f"moee: {os.devnull}: output is not a regular file or directory") and "never to a device" in line
+    code, line = run_cli(["encode", "--input", str(source), "--output", str(existing)], capsys)
+    assert "--overwrite to replace" in line and "overwrite=True" not in line  # the CLI names its flag only
 
 
 def test_output_equal_to_input_is_refused(tmp_path):
@@ -212,3 +226,37 @@ def test_embeddings_file_roundtrip_and_errors(tmp_path):
     save_file({"hs": torch.zeros(1, 2)}, str(tmp_path / "half.safetensors"))
     with pytest.raises(ValueError, match="half.safetensors.*rw"):
         MoEEmbeddings.load(tmp_path / "half.safetensors")
+
+
+def test_mteb_refuses_unknown_tasks_and_uncached_datasets_offline(tmp_path, monkeypatch, capsys, no_model_load):
+    pytest.importorskip("mteb")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(SystemExit) as exc:
+        main(["mteb", "--tasks", "NoSuchTask", "--output-dir", str(tmp_path)])
+    message = str(exc.value)
+    assert message.startswith("moee mteb: unknown task: 'NoSuchTask'") and "KeyError" not in message
+    with pytest.raises(SystemExit) as exc:
+        main(["mteb", "--tasks", "STSBenchmark", "--output-dir", str(tmp_path)])
+    message = str(exc.value)
+    assert message.startswith("moee mteb: offline (HF_HUB_OFFLINE is set)") and "STSBenchmark (mteb/stsbenchmark-sts)" in message
+    assert "\n" not in message
+
+
+def test_hub_id_offline_fails_at_once_saying_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(OSError, match=r"^offline \(HF_HUB_OFFLINE is set\): 'someorg/some-moe' is not a local directory"):
+        MoEEncoder.from_pretrained("someorg/some-moe", device="cpu")
+
+
+def test_demo_is_a_public_name(demo_cache, tmp_path, monkeypatch):
+    from moee_fast.demo import demo_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # no local folder named "demo" here
+    enc = MoEEncoder.from_pretrained("demo", device="cpu")
+    direct = MoEEncoder.from_pretrained(demo_checkpoint(), device="cpu")
+    texts = ["A man is playing a guitar.", "x"]
+    got, want = enc.encode(texts), direct.encode(texts)
+    assert torch.equal(got.hs, want.hs) and torch.equal(got.rw, want.rw)
+    assert os.environ["MOEE_FAST_CACHE"] in demo_checkpoint()

@@ -66,6 +66,13 @@ def test_parquet_shards_hold_the_same_rows(tmp_path, encoder):
     frame = pd.read_parquet(tmp_path / "pq" / "part-00001.parquet")
     assert list(frame.columns) == ["id", "hs", "rw"] and list(frame["id"]) == st.ids[4:8]
     assert torch.equal(torch.tensor(list(frame["rw"])).view(4, 3, 8), st.rw[4:8])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's non-writable-array warning included
+        reread = load_corpus(tmp_path / "pq")
+        parts = [part for _, part in reread]
+    assert torch.equal(torch.cat([part.hs for part in parts]), st.hs)
 
 
 class InterruptAfter:

@@ -130,8 +130,9 @@ def test_bad_inputs(checkpoint, tmp_path):
     enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu")
     with pytest.raises(TypeError, match=r"texts\[2\] must be a string, got int"):
         enc.encode(["a", "b", 3, None])
-    with pytest.raises(TypeError, match="list of strings, got str"):
-        enc.encode("a single string")
+    single, listed = enc.encode("a single string"), enc.encode(["a single string"])
+    assert single.hs.shape == (1, 64) and single.rw.shape == (1, 3, 8)  # one string -> one row
+    assert torch.equal(single.hs, listed.hs) and torch.equal(single.rw, listed.rw)
     empty = enc.encode([])
     assert empty.hs.shape == (0, 64) and empty.rw.shape == (0, 3, 8)
     assert enc.encode([""]).hs.shape == (1, 64)  # BOS gives the empty text one token

@@ -498,7 +498,7 @@ def test_cli_quantize_flag(checkpoint, tmp_path):
     assert main(["encode", "--model", path, "--quantize", "nf4", "--input", str(texts), "--output", str(tmp_path / "job")]) == 2
 
 
-# --- README: the memory table ----------------------------------------------------------------
+# --- docs/memory.md: the memory table ----------------------------------------------------------------
 
 
 def load_model_sizes():
@@ -512,7 +512,7 @@ def load_model_sizes():
     return module
 
 
-def test_readme_memory_table_is_the_computed_one():
+def test_documented_memory_table_is_the_computed_one():
     sizes = load_model_sizes()
     mixtral = sizes.sizes(sizes.REAL_MODELS[0])
     assert mixtral["params"] == 46_702_792_704 - 32000 * 4096  # Mixtral-8x7B's published count, less its LM head
@@ -521,7 +521,7 @@ def test_readme_memory_table_is_the_computed_one():
     assert 0 < mixtral["nf4 moee-fast routers bf16"] - mixtral["nf4 moee-fast"] < 1e-3 * mixtral["nf4 moee-fast"]
     deepseek = sizes.sizes(sizes.REAL_MODELS[1])  # its router was never quantized
     assert deepseek["nf4 moee-fast routers bf16"] == deepseek["nf4 moee-fast"] == deepseek["nf4 every linear"]
-    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "memory.md"), encoding="utf-8") as f:
         readme = f.read()
     block = readme.split("<!-- memory-table:begin -->\n")[1].split("\n<!-- memory-table:end -->")[0]
     assert block == sizes.markdown_table()

@@ -317,13 +317,13 @@ def batch_count(server) -> float:
     raise AssertionError("no moee_batch_texts metric")
 
 
-# ------------------------------------------------------------------------------ README
+# ------------------------------------------------------------------------------ docs/serving.md
 def serving_section() -> str:
     import os
 
-    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "serving.md"), encoding="utf-8") as f:
         text = f.read()
-    return text.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    return text.split("# Serving", 1)[1].split("\n## ", 1)[0]  # the page above its reference part
 
 
 def test_readme_serving_examples_run_against_the_server(server, encoder, monkeypatch):
@@ -335,7 +335,7 @@ def test_readme_serving_examples_run_against_the_server(server, encoder, monkeyp
     monkeypatch.setenv("MOEE_API_KEY", KEY)
     (client_code,) = re.findall(r"```py\n(.*?)```", section, flags=re.S)
     namespace: dict = {}
-    exec(compile(client_code, "README.md", "exec"), namespace)
+    exec(compile(client_code, "docs/serving.md", "exec"), namespace)
     texts = ["A man is playing a guitar.", "Someone plays an instrument."]
     assert_rows_close(namespace["vectors"], encoder.encode(texts).vectors("sum", 1.0))
     if shutil.which("curl"):

@@ -68,8 +68,8 @@ def test_page_compares_two_sentences_and_draws_the_routing(server, browser, mode
     page.wait_for_function("document.getElementById('model-info').textContent.includes('experts')")
     page.fill("#texts", "\n".join(SENTENCES))
     page.fill("#alpha", "0.5")
-    page.click("#compare")
-    page.wait_for_selector("#heatmap .cell")
+    page.click("#compare")  # waits while the first view's compare of the sample sentences runs
+    page.wait_for_function("document.querySelectorAll('#hs-matrix td.score').length === 4")
 
     emb = MoEEncoder.from_pretrained(model_path, device="cpu").encode(SENTENCES)
     cos_hs, cos_rw = unit_cosine(emb.hs[0], emb.hs[1]), unit_cosine(emb.rw[0], emb.rw[1])
@@ -91,6 +91,7 @@ def test_page_compares_two_sentences_and_draws_the_routing(server, browser, mode
     assert (int(layer), int(expert)) == (1, 2)
     assert float(probability) == pytest.approx(float(emb.rw[1, 1, 2]), abs=6e-5)
     assert page.locator("#error").is_hidden()
+    assert page.locator("#demo-banner").is_hidden()  # a checkpoint of the user's own
     assert outside == []
 
 
@@ -102,3 +103,37 @@ def test_page_shows_the_servers_error_message(server, browser):
     page.click("#compare")
     page.wait_for_selector("#error:not([hidden])")
     assert "empty" in page.inner_text("#error")
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("demo-cache"))
+    live = LiveServer("demo", env={"MOEE_FAST_CACHE": cache})
+    yield live
+    live.stop()
+
+
+def test_the_demo_page_says_untrained_and_shows_a_first_view_untouched(demo_server, browser):
+    """Opened and not touched: the banner, the sample sentences compared, the routing of the first
+    drawn with labelled expert and layer axes and a colour scale up to its largest probability."""
+    import json
+    import urllib.request
+
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.goto(demo_server.url + "/")
+    page.wait_for_selector("#heatmap .cell")
+    assert page.locator("#demo-banner").is_visible() and "Untrained demo model" in page.inner_text("#demo-banner")
+    sentences = [line for line in page.input_value("#texts").splitlines() if line.strip()]
+    assert page.locator("#hs-matrix td.score").count() == len(sentences) ** 2
+
+    info = json.load(urllib.request.urlopen(demo_server.url + "/info"))
+    assert info["untrained_demo"] is True
+    layers, experts = info["num_moe_layers"], info["num_experts"]
+    assert page.locator("#heatmap .cell").count() == layers * experts
+    expert_labels = page.locator("#heatmap .axis.expert").all_inner_texts()
+    assert expert_labels == [str(e) for e in range(experts)]  # 16 experts: every one numbered
+    assert page.locator("#heatmap .axis.layer").all_inner_texts() == [str(l) for l in range(layers)]
+    titles = page.locator("#heatmap .cell").evaluate_all("cells => cells.map(c => c.title)")
+    top = max(float(title.rsplit(": ", 1)[1]) for title in titles)
+    assert float(page.inner_text("#scale-high")) == pytest.approx(top, abs=1.5e-3)
+    assert page.locator("#scale-bar").evaluate("bar => getComputedStyle(bar).backgroundImage").startswith("linear-gradient")

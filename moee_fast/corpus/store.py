@@ -121,7 +121,8 @@ def _read_parquet(path: str, shape: tuple[int, int, int]):
         if not (pa.types.is_fixed_size_list(kind) and kind.list_size == width and kind.value_type == pa.float32()):
             raise ValueError(f"{path}: column {name!r} is {kind}, where the manifest's shape {list(shape)} "
                              f"needs fixed_size_list<float>[{width}]")
-        values = table.column(name).combine_chunks().flatten().to_numpy()
+        # Arrow's buffers are read-only: a writable copy, so tensors over it are safe to change.
+        values = np.array(table.column(name).combine_chunks().flatten().to_numpy(), copy=True)
         return values.reshape(-1, width)
 
     hs = column("hs", hidden)

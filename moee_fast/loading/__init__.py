@@ -11,7 +11,6 @@ checks, then the native loader (models/) or transformers' AutoModel, the bitsand
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from typing import NamedTuple
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..adapters import Adapter, adapter_for
 from . import checkpoint
+from .checkpoint import quiet_transformers
 from .placement import input_device, placement, resolve_device, resolve_dtype
 from .quantization import decode_4bit_linears_on_cpu, run_int8_linears_on_rows, with_quantization
 
@@ -43,6 +43,10 @@ def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str
     from . import models  # registers the families transformers lacks (imports transformers' modeling code)
 
     name = os.path.expanduser(os.fspath(name_or_path))
+    if name == DEMO_ALIAS and not os.path.isdir(name):
+        from .demo import demo_checkpoint
+
+        name = demo_checkpoint()
     check_location(name)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -50,10 +54,16 @@ def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str
         warnings.warn("attn_implementation is ignored: moee-fast runs its own packed attention", stacklevel=3)
     checkpoint.refuse_remote_code(hf_kwargs)
     hf_kwargs = with_quantization(hf_kwargs, quantize, device, dtype, quantize_routers)
+    offline = not os.path.isdir(name) and hub_offline_reason()
+    if offline:  # the cache only: no retries against a Hub that cannot answer
+        hf_kwargs["local_files_only"] = True
     shared = {k: hf_kwargs[k] for k in _SHARED_HF_KWARGS if k in hf_kwargs}
     try:
         config = checkpoint.load_config(name, **shared)
     except OSError as exc:
+        if offline:
+            raise OSError(f"offline ({offline}): {name!r} is not a local directory and not in the Hugging Face "
+                          "cache; download it on a connected machine or pass a checkpoint directory") from None
         raise OSError(f"could not load a checkpoint from {name!r}: not a local directory, and {exc}") from exc
     adapter = adapter_for(config.model_type, _base_model_class(config))
 
@@ -68,6 +78,26 @@ def load(name_or_path: str | os.PathLike, device=None, dtype=None, quantize: str
     run_int8_linears_on_rows(model)
     tokenizer = checkpoint.load_tokenizer(name, **shared)
     return Loaded(model, tokenizer, adapter, name)
+
+
+DEMO_ALIAS = "demo"  # MoEEncoder.from_pretrained("demo"): the built-in untrained demo checkpoint
+
+
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (HF_HUB_OFFLINE set, or its host unreachable within
+    `timeout` seconds), or None when it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def check_location(name: str) -> None:
@@ -91,21 +121,6 @@ def _base_model_class(config):
         return None
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """The base model loads from a causal-LM checkpoint: its unused lm_head weights are expected,
-    so transformers' load report about them, and its per-shard progress bar, are noise."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 __all__ = ["Loaded", "load", "check_location", "input_device", "placement", "quiet_transformers", "resolve_device", "resolve_dtype"]

@@ -201,3 +201,20 @@ def weight_files(directory: str, allow_pickle: bool = False) -> tuple[str, dict[
             return kind, files
         return kind, {single_path: None}
     raise FileNotFoundError(f"no weights in {directory}: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """The base model loads from a causal-LM checkpoint: its unused lm_head weights are expected,
+    so transformers' load report about them, and its per-shard progress bar, are noise."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

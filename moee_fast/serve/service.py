@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..demo import is_demo_checkpoint
 from ..checks import _SURROGATE, check_alpha, check_positive_int, check_variant
 from ..prompts import build_prompt, tokenize
 from .batcher import Batcher, Job, JobQueue, QueueFull
@@ -116,6 +117,7 @@ class EmbeddingService:
             "defaults": {"variant": config.variant, "alpha": config.alpha, "prompt": config.prompt},
             "limits": limits,
             "auth": config.api_key is not None,
+            "untrained_demo": is_demo_checkpoint(enc.name),  # its scores carry no meaning: the page says so
         }
 
     # ------------------------------------------------------------------ request checks

@@ -19,6 +19,7 @@ async function loadInfo() {
     `${info.num_moe_layers} MoE layers × ${info.num_experts} experts · v${info.version}`;
   $("alpha").value = info.defaults.alpha;
   $("key-label").hidden = !info.auth;
+  $("demo-banner").hidden = !info.untrained_demo;
   const presets = ["none", "prompteol", "style", "sentiment", "tone", "intent", "complexity",
     "subjectivity", "language_style", "grammar_structure"];
   for (const name of presets) $("prompt").add(new Option(name, name));
@@ -26,6 +27,7 @@ async function loadInfo() {
     if (!presets.includes(info.defaults.prompt)) $("prompt").add(new Option("server default", info.defaults.prompt));
     $("prompt").value = info.defaults.prompt;
   }
+  return info;
 }
 
 // Off-diagonal scores mapped to [0, 1] within the matrix (pale: its lowest, deep: its highest),
@@ -76,24 +78,37 @@ function describeDisagreement(hs, rw) {
     `(HS ${hs[i][j].toFixed(2)}, RW ${rw[i][j].toFixed(2)}).`;
 }
 
-// Each layer shaded from its least to its most probable expert.
+// One colour scale for the whole map, from 0 to the largest probability of any layer, so cells
+// compare across layers; the bar below the map shows it. Axes: experts across, layers down.
 function drawHeatmap(routing) {
   const map = $("heatmap");
+  const experts = routing[0].length;
+  const high = Math.max(...routing.flat()) || 1;
   map.replaceChildren();
-  map.style.gridTemplateColumns = `auto repeat(${routing[0].length}, 16px)`;
+  map.style.gridTemplateColumns = `auto repeat(${experts}, 18px)`;
+  const corner = document.createElement("div");
+  corner.className = "axis"; corner.textContent = "layer";
+  map.appendChild(corner);
+  for (let e = 0; e < experts; e++) {
+    const label = document.createElement("div");
+    label.className = "axis expert";
+    label.textContent = experts <= 16 || e % 4 === 0 ? e : "";
+    map.appendChild(label);
+  }
   routing.forEach((layer, l) => {
     const label = document.createElement("div");
-    label.className = "layer"; label.textContent = "L" + l;
+    label.className = "axis layer"; label.textContent = l;
     map.appendChild(label);
-    const low = Math.min(...layer), high = Math.max(...layer);
     layer.forEach((p, e) => {
       const cell = document.createElement("div");
       cell.className = "cell";
       cell.title = `layer ${l}, expert ${e}: ${p.toFixed(4)}`;
-      cell.style.background = shade(high > low ? (p - low) / (high - low) : 0);
+      cell.style.background = shade(p / high);
       map.appendChild(cell);
     });
   });
+  $("scale-bar").style.background = `linear-gradient(to right, ${shade(0)}, ${shade(1)})`;
+  $("scale-high").textContent = high.toFixed(3);
 }
 
 function showRouting() {
@@ -129,4 +144,8 @@ async function compare() {
 
 $("compare").addEventListener("click", compare);
 $("routing-text").addEventListener("change", showRouting);
-loadInfo().catch((err) => { $("model-info").textContent = "could not read /info: " + err.message; });
+// A first view with nothing to type: an open server compares the sample sentences at once;
+// one that needs a key waits for it.
+loadInfo()
+  .then((info) => { if (!info.auth) compare(); else $("api-key").placeholder = "then press Compare"; })
+  .catch((err) => { $("model-info").textContent = "could not read /info: " + err.message; });
