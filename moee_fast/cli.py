@@ -144,7 +144,7 @@ def _report_job(stats: dict, output: str, rows: int) -> int:
 
 def cmd_mteb(args) -> int:
     try:
-        from .mteb import PAPER_TASKS, MoEEModel, evaluate, get_tasks, results_folder
+        from .mteb import PAPER_TASKS, MoEEModel, evaluate, get_tasks, register_paper_models, results_folder
     except ImportError as exc:
         raise SystemExit(f"moee: {exc}")
     from . import MoEEncoder
@@ -152,6 +152,7 @@ def cmd_mteb(args) -> int:
 
     if args.paper == bool(args.tasks):
         raise SystemExit("moee mteb: give either --tasks A,B,... or --paper")
+    register_paper_models()  # results of the paper's checkpoints then load by name in mteb
     task_names = list(PAPER_TASKS) if args.paper else [name.strip() for name in args.tasks.split(",") if name.strip()]
     try:
         tasks = get_tasks(task_names)
