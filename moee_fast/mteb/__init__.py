@@ -16,6 +16,7 @@ from .data import E5_INSTRUCTIONS, PAPER_CHECKPOINTS, PAPER_TASKS
 from .model import MoEEModel, load_moee_model, model_meta
 from .naming import moee_model_name, parameter_counts
 from .registry import register_paper_models
+from . import table
 from .runs import evaluate, get_tasks, results_folder
 
 __all__ = [

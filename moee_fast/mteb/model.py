@@ -26,7 +26,7 @@ from mteb.models.model_meta import ModelMeta
 from mteb.types import OutputDType
 
 from .. import ops
-from ..checks import check_alpha, check_positive_int, check_rw_source, check_variant
+from ..checks import check_alpha, check_pooling, check_positive_int, check_rw_source, check_variant
 from ..embeddings import MoEEmbeddings, Standardizer
 from ..encoder import MoEEncoder
 from ..prompts import Prompt, build_prompt
@@ -54,6 +54,8 @@ class MoEEModel:
     reference_exact: reproduce the authors' prompt strings byte for byte (see prompts.Prompt).
     rw_source: "scores" (RW as the paper defines it) or "logits" (raw router logits, as the
         authors' released code took for OLMoE, Qwen and Mixtral).
+    rw_pooling, hs_pooling: "last" (the paper's last token) or "mean" (over every token the model
+        sees, prompt and special tokens included); part of the model's name.
     standardize: None; "per_batch" (the authors' z-scores over each `standardize_batch_size`
         consecutive texts of one encode call: batch-dependent, for reproducing their numbers);
         or a Standardizer fitted on a corpus (`MoEEmbeddings.fit_standardizer`).
@@ -80,6 +82,8 @@ class MoEEModel:
         max_length: int | None = None,
         model_name: str | None = None,
         revision: str | None = None,
+        rw_pooling: str = "last",
+        hs_pooling: str = "last",
     ):
         self.encoder = encoder
         self.variant = check_variant(variant)
@@ -98,8 +102,11 @@ class MoEEModel:
         self.standardize_batch_size = check_positive_int("standardize_batch_size", standardize_batch_size)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.max_length = check_positive_int("max_length", max_length, allow_none=True)
+        self.rw_pooling = check_pooling("rw_pooling", rw_pooling)
+        self.hs_pooling = check_pooling("hs_pooling", hs_pooling)
         self.model_name = model_name or moee_model_name(
-            mteb_model_name(encoder.name), self.variant, self.alpha, self.prompt, self.instructions
+            mteb_model_name(encoder.name), self.variant, self.alpha, self.prompt, self.instructions,
+            self.rw_pooling, self.hs_pooling,
         )
         self.revision = revision or getattr(encoder.model.config, "_commit_hash", None) or NO_REVISION
         self.mteb_model_meta: ModelMeta = model_meta(self)
@@ -142,6 +149,8 @@ class MoEEModel:
             max_length=self.max_length,
             show_progress_bar=show_progress_bar,
             rw_source=self.rw_source,
+            rw_pooling=self.rw_pooling,
+            hs_pooling=self.hs_pooling,
         )
         if self.standardize == "per_batch":
             return out.standardized_per_batch(self.standardize_batch_size)
@@ -191,8 +200,14 @@ class MoEEModel:
     # ------------------------------------------------------------------------------ settings
     @property
     def naming_settings(self) -> dict[str, Any]:
-        """The settings the model name carries, as MoEEModel (and the loader) take them."""
-        return {"variant": self.variant, "alpha": self.alpha, "prompt": self.prompt, "instructions": instructions_setting(self.instructions)}
+        """The settings the model name carries, as MoEEModel (and the loader) take them (a pooling
+        only where it is not the paper's last token and the variant uses its part)."""
+        settings = {"variant": self.variant, "alpha": self.alpha, "prompt": self.prompt, "instructions": instructions_setting(self.instructions)}
+        if self.rw_pooling != "last" and self.variant != "hs":
+            settings["rw_pooling"] = self.rw_pooling
+        if self.hs_pooling != "last" and self.variant != "rw":
+            settings["hs_pooling"] = self.hs_pooling
+        return settings
 
     @property
     def experiment_kwargs(self) -> dict[str, Any]:

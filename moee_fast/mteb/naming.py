@@ -48,14 +48,20 @@ def instructions_label(instructions: Mapping[str, Instruction]) -> str:
     return "instructions-" + short_hash(json.dumps(instructions_setting(instructions), sort_keys=True))
 
 
-def moee_model_name(base: str, variant: str, alpha: float, prompt: str | None, instructions: Mapping[str, Instruction]) -> str:
+def moee_model_name(base: str, variant: str, alpha: float, prompt: str | None, instructions: Mapping[str, Instruction],
+                    rw_pooling: str = "last", hs_pooling: str = "last") -> str:
     """The name MoEE results are filed under: `<base>-MoEE-<variant>`, then `-alpha<alpha>` for
-    "sum", then the prompt unless it is PromptEOL (`-<preset>`, `-verbatim` or `-template-<hash>`),
-    then the instructions unless they are the paper's e5 ones (`-noinstructions` or
-    `-instructions-<hash>`). E.g. `allenai/OLMoE-1B-7B-0924-MoEE-sum-alpha1`."""
+    "sum", then `-rwmean` / `-hsmean` for a mean pooling of a part the variant uses, then the
+    prompt unless it is PromptEOL (`-<preset>`, `-verbatim` or `-template-<hash>`), then the
+    instructions unless they are the paper's e5 ones (`-noinstructions` or `-instructions-<hash>`).
+    E.g. `allenai/OLMoE-1B-7B-0924-MoEE-sum-alpha1`, `...-MoEE-rw-rwmean`."""
     parts = [base, "MoEE", variant]
     if variant == "sum":
         parts.append(f"alpha{alpha:.12g}")  # 1.0 -> alpha1, 0.25 -> alpha0.25
+    if rw_pooling != "last" and variant != "hs":
+        parts.append("rw" + rw_pooling)
+    if hs_pooling != "last" and variant != "rw":
+        parts.append("hs" + hs_pooling)
     if prompt != DEFAULT_PROMPT:
         parts.append("verbatim" if prompt is None else prompt if prompt in PRESETS else "template-" + short_hash(prompt))
     parts.append(instructions_label(instructions))
