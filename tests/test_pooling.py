@@ -168,3 +168,21 @@ def test_pool_rows_is_the_segment_mean():
     torch.testing.assert_close(router_tap.pool_rows(rows, forward, "mean"),
                                torch.stack([rows[0:2].mean(0), rows[2:3].mean(0), rows[3:7].mean(0)]))
     torch.testing.assert_close(router_tap.pool_rows(rows, forward, "last"), rows[[1, 2, 6]])
+
+
+def test_corpus_job_takes_the_pooling_and_records_it(checkpoint, texts, tmp_path):
+    import json
+
+    from moee_fast.corpus import encode_corpus
+
+    enc = MoEEncoder.from_pretrained(checkpoint("olmoe"), device="cpu")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    corpus = encode_corpus(enc, [str(path)], tmp_path / "out", shard_size=4, rw_pooling="mean", hs_pooling="mean", progress=False)
+    alone = enc.encode(texts, rw_pooling="mean", hs_pooling="mean")
+    torch.testing.assert_close(corpus.rw, alone.rw, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(corpus.hs, alone.hs, rtol=1e-6, atol=1e-6)
+    options = json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]
+    assert (options["rw_pooling"], options["hs_pooling"]) == ("mean", "mean")
+    with pytest.raises(ValueError, match="rw_pooling"):
+        encode_corpus(enc, [str(path)], tmp_path / "bad", rw_pooling="max", progress=False)

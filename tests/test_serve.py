@@ -99,6 +99,15 @@ def test_embed_returns_both_views(server, encoder):
     assert (body["layers"], body["experts"]) == tuple(expected.rw.shape[1:])
 
 
+def test_embed_takes_the_pooling(server, encoder):
+    texts = random_texts(3, seed=8)
+    body = post(server, "/embed", {"input": texts, "rw_pooling": "mean", "hs_pooling": "mean"}).json()
+    expected = encoder.encode(texts, rw_pooling="mean", hs_pooling="mean")
+    assert_rows_close(body["hs"], expected.hs)
+    assert_rows_close(body["rw"], expected.rw)
+    assert_error(post(server, "/embed", {"input": texts, "rw_pooling": "max"}), 422)
+
+
 def reference_sum_scores(a, b, alpha):
     """cos_HS + alpha cos_RW in float64, rows of a against rows of b."""
     unit = lambda x: x.double().flatten(1) / x.double().flatten(1).norm(dim=1, keepdim=True)  # noqa: E731

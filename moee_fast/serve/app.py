@@ -146,7 +146,8 @@ def _add_moee_routes(app: FastAPI, service: EmbeddingService, guarded: list) -> 
     @app.post("/embed", dependencies=guarded, tags=["MoEE"])
     async def embed(body: EmbedRequest):
         texts = service.texts_of(body.input, "input")
-        emb, tokens = await service.embed(texts, service.prompt_of(body.prompt), body.truncate, indexed("input", len(texts)))
+        emb, tokens = await service.embed(texts, service.prompt_of(body.prompt), body.truncate, indexed("input", len(texts)),
+                                          (body.rw_pooling, body.hs_pooling))
 
         def render():
             views = {"hs": encode_rows(emb.hs, body.encoding_format), "rw": encode_rows(emb.rw, body.encoding_format)}

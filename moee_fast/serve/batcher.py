@@ -36,10 +36,11 @@ class Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.perf_counter)
+    pooling: tuple[str, str] = ("last", "last")  # (rw_pooling, hs_pooling)
 
     @property
     def settings(self) -> tuple:
-        return self.prompt, self.max_length
+        return self.prompt, self.max_length, self.pooling
 
     def resolve(self, result=None, error: BaseException | None = None) -> None:
         """Hand the outcome to the event loop (a job whose client left is skipped there)."""
@@ -167,7 +168,9 @@ class Batcher:
         begin = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # truncation was asked for by the request
-            out = self.encoder.encode(texts, prompt=jobs[0].prompt, max_length=jobs[0].max_length)
+            rw_pooling, hs_pooling = jobs[0].pooling
+            out = self.encoder.encode(texts, prompt=jobs[0].prompt, max_length=jobs[0].max_length,
+                                      rw_pooling=rw_pooling, hs_pooling=hs_pooling)
         if self.metrics is not None:
             waited = [begin - job.queued_at for job in jobs]
             self.metrics.observe_batch(len(texts), sum(job.tokens for job in jobs), time.perf_counter() - begin, waited)

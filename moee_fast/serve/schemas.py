@@ -70,11 +70,16 @@ class EmbeddingsRequest(_Body):
     alpha: float | None = Field(None, description=_ALPHA)
 
 
+_POOLING = "last: the text's last token (MoEE); mean: the mean over every token the model sees (prompt and special tokens included)"
+
+
 class EmbedRequest(_Body):
     """The raw views: `hs` [N, H] and `rw` [N, L, E]."""
 
     input: str | list[Any]
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: each row as little-endian float32")
+    rw_pooling: Literal["last", "mean"] = Field("last", description=_POOLING)
+    hs_pooling: Literal["last", "mean"] = Field("last", description=_POOLING)
 
 
 class SimilarityRequest(_Body):

@@ -132,15 +132,16 @@ class EmbeddingService:
                 raise APIError(422, message, param=name, code="context_length_exceeded")
         return [min(c, self.context) if self.context else c for c in counts]
 
-    async def embed(self, texts: list[str], prompt: str | None, truncate: bool, names: list[str]):
+    async def embed(self, texts: list[str], prompt: str | None, truncate: bool, names: list[str],
+                    pooling: tuple[str, str] = ("last", "last")):
         """(MoEEmbeddings of `texts` in order, their token count), through the batcher; `names`
-        name each text in error messages."""
+        name each text in error messages; pooling: (rw_pooling, hs_pooling)."""
         if self.draining or not self.ready:
             raise APIError(503, "the server is shutting down" if self.draining else "the model is not loaded yet")
         counts = self.check_lengths(await run_in_threadpool(self.count_tokens, texts, prompt), truncate, names)
         loop = asyncio.get_running_loop()
         max_length = self.context if truncate else None
-        job = Job(texts, sum(counts), prompt, max_length, loop.create_future(), loop)
+        job = Job(texts, sum(counts), prompt, max_length, loop.create_future(), loop, pooling=pooling)
         try:
             self.queue.put(job)
         except QueueFull as exc:
