@@ -99,6 +99,17 @@ at::Tensor gather_router_softmax(at::TensorList router_logits, const at::Tensor&
   return gather_router_softmax_out(router_logits, rows, out);
 }
 
+// Adds the softmax of rows [begin, end) of `logits` (row stride `stride`) into dst; row: scratch [n].
+template <typename scalar_t>
+void add_softmax_rows(const scalar_t* logits, int64_t stride, int64_t begin, int64_t end, float* row, float* dst,
+                      int64_t n) {
+  for (int64_t t = begin; t < end; ++t) {
+    softmax_row(logits + t * stride, row, n);
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) dst[e] += row[e];
+  }
+}
+
 at::Tensor& mean_router_softmax_out(at::TensorList router_logits, const at::Tensor& cu_seqlens, at::Tensor& out) {
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.scalar_type() == at::kLong &&
                   cu_seqlens.device().is_cpu(),
@@ -127,12 +138,8 @@ at::Tensor& mean_router_softmax_out(at::TensorList router_logits, const at::Tens
       float* dst = out_data + item * n_experts;
       std::fill(dst, dst + n_experts, 0.f);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mean_router_softmax", [&] {
-        const scalar_t* base = static_cast<const scalar_t*>(logits.const_data_ptr());
-        for (int64_t t = bounds[b]; t < bounds[b + 1]; ++t) {
-          softmax_row(base + t * logits.stride(0), row.data(), n_experts);
-#pragma omp simd
-          for (int64_t e = 0; e < n_experts; ++e) dst[e] += row[e];
-        }
+        add_softmax_rows(static_cast<const scalar_t*>(logits.const_data_ptr()), logits.stride(0), bounds[b], bounds[b + 1],
+                         row.data(), dst, n_experts);
       });
       const float inv_count = 1.f / static_cast<float>(bounds[b + 1] - bounds[b]);
 #pragma omp simd
