@@ -1,4 +1,5 @@
-"""MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token) out.
+"""MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token, or their mean over
+its tokens: `encode`'s pooling options) out.
 
 One packed forward per batch through the base model (no LM head). The fast path, installed by
 the constructor, holds the router tap (hooks that keep each MoE router's row at the last tokens,
