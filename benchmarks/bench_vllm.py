@@ -81,7 +81,7 @@ def main() -> int:
 
     root = tempfile.mkdtemp(prefix="bench_vllm_")
     path = build_checkpoint(args.model, root, scaled_configs(args.layers)[args.model])
-    tokenizer = loading.load_tokenizer(path)
+    tokenizer = loading.checkpoint.load_tokenizer(path)
     texts = synthetic_corpus(tokenizer, args.texts, seed=0)
     tokens = sum(map(len, tokenizer(texts)["input_ids"]))
     load_before = os.getloadavg()

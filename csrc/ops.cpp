@@ -1,6 +1,8 @@
 // CPU implementations of the fused MoEE ops, registered as torch.ops.moee_fast.*.
 //
 // gather_router_softmax: one pass per (sequence, layer) row, reading only the rows it needs.
+// mean_router_softmax: per (sequence, layer), each packed row's softmax added into the mean as it
+//   is computed, so no all-token probability tensor exists.
 // combined_cosine: each operand is normalised once into [hs / |hs|, scale * rw / |rw|] (fp32),
 //   so both cosines come out of a single GEMM (ATen/BLAS) with no extra pass over the output.
 // topk_combined_cosine: the same GEMM one corpus tile at a time, each tile merged into per-query
@@ -36,26 +38,35 @@ void softmax_row(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t e = 0; e < n; ++e) dst[e] *= inv_total;
 }
 
-at::Tensor& gather_router_softmax_out(at::TensorList router_logits, const at::Tensor& rows, at::Tensor& out) {
+// The router logits as [rows, E] CPU matrices read in place when inner-contiguous, after checking
+// `out` is the contiguous float32 [B, L, E] result; `n_rows` gets the fewest rows of any layer.
+std::vector<at::Tensor> router_layers(at::TensorList router_logits, int64_t batch, const at::Tensor& out,
+                                      int64_t& n_rows) {
   const int64_t n_layers = static_cast<int64_t>(router_logits.size());
   TORCH_CHECK(n_layers > 0, "router_logits must hold at least one layer");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be an int64 vector");
   const int64_t n_experts = router_logits[0].size(1);
-  const int64_t batch = rows.size(0);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
                   out.sizes() == at::IntArrayRef({batch, n_layers, n_experts}),
               "out must be a contiguous float32 CPU tensor of shape [B, L, E]");
-
-  // Inner-contiguous layers are used in place; only the rows named by `rows` are ever read.
   std::vector<at::Tensor> layers;
   layers.reserve(n_layers);
-  int64_t n_rows = std::numeric_limits<int64_t>::max();
+  n_rows = std::numeric_limits<int64_t>::max();
   for (const auto& logits : router_logits) {
     TORCH_CHECK(logits.dim() == 2 && logits.size(1) == n_experts && logits.device().is_cpu(),
                 "every router_logits tensor must be a CPU [rows, E] matrix with the same E");
     layers.push_back(logits.stride(1) == 1 ? logits : logits.contiguous());
     n_rows = std::min(n_rows, logits.size(0));
   }
+  return layers;
+}
+
+at::Tensor& gather_router_softmax_out(at::TensorList router_logits, const at::Tensor& rows, at::Tensor& out) {
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be an int64 vector");
+  const int64_t batch = rows.size(0);
+  // Only the rows named by `rows` are ever read.
+  int64_t n_rows = 0;
+  const std::vector<at::Tensor> layers = router_layers(router_logits, batch, out, n_rows);
+  const int64_t n_layers = static_cast<int64_t>(layers.size()), n_experts = layers[0].size(1);
   const at::Tensor rows_c = rows.contiguous();
   const int64_t* row_index = rows_c.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
@@ -86,6 +97,56 @@ at::Tensor gather_router_softmax(at::TensorList router_logits, const at::Tensor&
   at::Tensor out = at::empty({rows.size(0), static_cast<int64_t>(router_logits.size()), router_logits[0].size(1)},
                              router_logits[0].options().dtype(at::kFloat));
   return gather_router_softmax_out(router_logits, rows, out);
+}
+
+// Adds the softmax of rows [begin, end) of `logits` (row stride `stride`) into dst; row: scratch [n].
+template <typename scalar_t>
+void add_softmax_rows(const scalar_t* logits, int64_t stride, int64_t begin, int64_t end, float* row, float* dst,
+                      int64_t n) {
+  for (int64_t t = begin; t < end; ++t) {
+    softmax_row(logits + t * stride, row, n);
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) dst[e] += row[e];
+  }
+}
+
+at::Tensor& mean_router_softmax_out(at::TensorList router_logits, const at::Tensor& cu_seqlens, at::Tensor& out) {
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.scalar_type() == at::kLong &&
+                  cu_seqlens.device().is_cpu(),
+              "cu_seqlens must be an int64 CPU vector [B + 1]");
+  const int64_t batch = cu_seqlens.size(0) - 1;
+  int64_t n_rows = 0;
+  const std::vector<at::Tensor> layers = router_layers(router_logits, batch, out, n_rows);
+  const int64_t n_layers = static_cast<int64_t>(layers.size()), n_experts = layers[0].size(1);
+  const at::Tensor bounds_c = cu_seqlens.contiguous();
+  const int64_t* bounds = bounds_c.data_ptr<int64_t>();
+  TORCH_CHECK(bounds[0] == 0, "cu_seqlens[0] must be 0, got ", bounds[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(bounds[b + 1] > bounds[b], "cu_seqlens must increase: sequence ", b, " has no rows");
+  }
+  TORCH_CHECK(bounds[batch] <= n_rows, "cu_seqlens ends at ", bounds[batch], ", past router logits with ", n_rows, " rows");
+
+  float* out_data = out.data_ptr<float>();
+  // ~16k probabilities per task, as in gather_router_softmax: a short batch stays on one thread.
+  const int64_t rows_per_item = std::max<int64_t>(1, bounds[batch] / std::max<int64_t>(batch, 1));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n_experts * rows_per_item, 1));
+  at::parallel_for(0, batch * n_layers, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(n_experts);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / n_layers, l = item % n_layers;
+      const at::Tensor& logits = layers[l];
+      float* dst = out_data + item * n_experts;
+      std::fill(dst, dst + n_experts, 0.f);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mean_router_softmax", [&] {
+        add_softmax_rows(static_cast<const scalar_t*>(logits.const_data_ptr()), logits.stride(0), bounds[b], bounds[b + 1],
+                         row.data(), dst, n_experts);
+      });
+      const float inv_count = 1.f / static_cast<float>(bounds[b + 1] - bounds[b]);
+#pragma omp simd
+      for (int64_t e = 0; e < n_experts; ++e) dst[e] *= inv_count;
+    }
+  });
+  return out;
 }
 
 template <typename scalar_t>
@@ -258,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor> topk_combined_cosine(const at::Tensor& q_hs, 
 TORCH_LIBRARY(moee_fast, m) {
   m.def("gather_router_softmax(Tensor[] router_logits, Tensor rows) -> Tensor");
   m.def("gather_router_softmax.out(Tensor[] router_logits, Tensor rows, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("mean_router_softmax.out(Tensor[] router_logits, Tensor cu_seqlens, *, Tensor(a!) out) -> Tensor(a!)");
   m.def("combined_cosine(Tensor a_hs, Tensor a_rw, Tensor b_hs, Tensor b_rw, float alpha) -> Tensor");
   m.def(
       "combined_cosine.out(Tensor a_hs, Tensor a_rw, Tensor b_hs, Tensor b_rw, float alpha, *, Tensor(a!) out)"
@@ -273,6 +335,7 @@ TORCH_LIBRARY(moee_fast, m) {
 TORCH_LIBRARY_IMPL(moee_fast, CPU, m) {
   m.impl("gather_router_softmax", &gather_router_softmax);
   m.impl("gather_router_softmax.out", &gather_router_softmax_out);
+  m.impl("mean_router_softmax.out", &mean_router_softmax_out);
   m.impl("combined_cosine", &combined_cosine);
   m.impl("combined_cosine.out", &combined_cosine_out);
   m.impl("topk_combined_cosine", &topk_combined_cosine);

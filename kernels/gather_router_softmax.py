@@ -79,3 +79,55 @@ def gather_router_softmax(router_logits, rows, out):
             FROM_TABLE=from_table, BLOCK_B=block_b, BLOCK_E=block_e,
         )
     return out
+
+
+@triton.jit(do_not_specialize=["layer"])
+def _mean_router_softmax_kernel(
+    logits,  # [N, E] one layer's router logits over the packed tokens
+    row_stride,
+    cu_seqlens,  # int64 [B + 1]: sequence b owns packed rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1
+    out,  # float32 [B, L, E]
+    n_layers,
+    layer,
+    n_experts,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # The segment-mean mode: one program per sequence walks its tokens BLOCK_T rows at a time, so
+    # each row's softmax is summed as it is computed and no [N, E] probability tensor exists.
+    sequence = tl.program_id(0).to(tl.int64)
+    start = tl.load(cu_seqlens + sequence)
+    end = tl.load(cu_seqlens + sequence + 1)
+    experts = tl.arange(0, BLOCK_E)
+    in_experts = experts < n_experts
+    total = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for first in range(start, end, BLOCK_T):
+        tokens = first + tl.arange(0, BLOCK_T)
+        in_segment = tokens < end
+        x = tl.load(logits + tokens[:, None] * row_stride + experts[None, :],
+                    mask=in_segment[:, None] & in_experts[None, :], other=-float("inf"))
+        # Rows past the segment become zeros (an all -inf row would compute NaN) and add nothing.
+        x = tl.where(in_segment[:, None], x.to(tl.float32), 0.0)
+        x = tl.exp(x - tl.max(x, axis=1)[:, None])
+        probs = x / tl.sum(x, axis=1)[:, None]
+        total += tl.sum(tl.where(in_segment[:, None], probs, 0.0), axis=0)
+    mean = total / (end - start).to(tl.float32)
+    tl.store(out + (sequence * n_layers + layer) * n_experts + experts, mean, mask=in_experts)
+
+
+def mean_router_softmax(router_logits, cu_seqlens, out):
+    """The segment-mean mode: the mean over each sequence's packed rows of the softmax over experts.
+
+    router_logits: L tensors [N, E] (every layer routes the same N packed tokens), inner-contiguous;
+    cu_seqlens: int64 [B + 1] on the same device, non-decreasing from 0 to N, every segment
+    non-empty; out: contiguous float32 [B, L, E], fully overwritten."""
+    n_sequences, n_layers = cu_seqlens.shape[0] - 1, len(router_logits)
+    block_e = triton.next_power_of_2(router_logits[0].shape[1])
+    block_t = max(1, min(64, 2048 // block_e))
+    for layer, logits in enumerate(router_logits):
+        # Sequences on grid axis x; more than 2**31 - 1 texts in one forward is out of reach.
+        _mean_router_softmax_kernel[(n_sequences,)](
+            logits, logits.stride(0), cu_seqlens, out, n_layers, layer, logits.shape[1],
+            BLOCK_T=block_t, BLOCK_E=block_e,
+        )
+    return out

@@ -49,6 +49,43 @@ def check_precision(precision) -> str:
     return precision
 
 
+# How HS and RW are pooled over a text's tokens: the last token's (the paper's MoEE) or the mean over
+# every token the model sees (prompt and special tokens included).
+POOLINGS = ("last", "mean")
+
+
+def check_pooling(name: str, pooling) -> str:
+    if pooling not in POOLINGS:
+        raise ValueError(f"{name} must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    return pooling
+
+
+def check_layers(name: str, layers, count: int) -> list[int] | None:
+    """Layer indices (of `count`) picked by a slice or a list of ints (negatives count from the
+    end), in the order given; None -> None (all layers)."""
+    if layers is None:
+        return None
+    if isinstance(layers, slice):
+        picked = list(range(count))[layers]
+    elif isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"{name} must be a slice or a list of layer indices, got {layers!r}")
+    else:
+        picked = [check_layer(f"{name}[{i}]", layer, count) for i, layer in enumerate(layers)]
+    if not picked:
+        raise ValueError(f"{name} picks no layer of the {count}")
+    if len(set(picked)) != len(picked):
+        raise ValueError(f"{name} names a layer twice: {picked}")
+    return picked
+
+
+def check_layer(name: str, layer, count: int) -> int:
+    """One layer index of `count` (negatives count from the end) as 0 .. count - 1."""
+    index = as_integer(layer)
+    if index is None or not -count <= index < count:
+        raise ValueError(f"{name} must be an integer layer index in [{-count}, {count}), got {layer!r}")
+    return index % count
+
+
 def check_rw_source(rw_source) -> str:
     if rw_source not in RW_SOURCES:
         raise ValueError(f"rw_source must be one of {', '.join(RW_SOURCES)}, got {rw_source!r}")

@@ -1,4 +1,5 @@
-"""MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token) out.
+"""MoEEncoder: texts in, MoEE embeddings (HS and RW at each text's last token, or their mean over
+its tokens: `encode`'s pooling options) out.
 
 One packed forward per batch through the base model (no LM head). The fast path, installed by
 the constructor, holds the router tap (hooks that keep each MoE router's row at the last tokens,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,7 +22,8 @@ from . import fastpath, loading, ops
 from .adapters import Adapter
 from .packing import Batch, pack, plan_batches
 from .checks import RW_SOURCES, check_rw_source  # noqa: F401  (RW_SOURCES re-exported)
-from .checks import check_finite_rows, check_max_length, check_positive_int, check_unicode
+from .checks import check_finite_rows, check_layer, check_layers, check_max_length, check_pooling
+from .checks import check_positive_int, check_unicode
 from .embeddings import MoEEmbeddings
 from .fastpath import attention, router_tap, state
 from .prompts import resolve_prompt, token_ids
@@ -95,6 +98,12 @@ class MoEEncoder:
         return len(self.routers)
 
     @property
+    def num_layers(self) -> int:
+        """Decoder layers (`hs_layer` picks among them)."""
+        layers = getattr(self.model, "layers", None)
+        return len(layers) if layers is not None else self.model.config.num_hidden_layers
+
+    @property
     def num_experts(self) -> int:
         return self.routers[0].weight.shape[0]
 
@@ -106,6 +115,10 @@ class MoEEncoder:
         max_length: int | None = None,
         show_progress_bar: bool | None = None,
         rw_source: str = "scores",
+        rw_pooling: str = "last",
+        hs_pooling: str = "last",
+        rw_layers: slice | Sequence[int] | None = None,
+        hs_layer: int | None = None,
     ) -> MoEEmbeddings:
         """Embed `texts` (a list of strings, or one string: a result of one row); rows of the result follow the input order.
 
@@ -114,6 +127,11 @@ class MoEEncoder:
         max_length: token limit; only the text inside the template is shortened, with a warning.
         rw_source: "scores" (RW as defined: the family's scoring function of the router logits,
             in fp32) or "logits" (the raw router logits, as some published evaluations used).
+        rw_pooling, hs_pooling: "last" (the text's last token, the paper's MoEE) or "mean" (the mean
+            over every token the model sees for the text: prompt and special tokens included).
+        rw_layers: which MoE layers' RW, a slice or a list of indices (None: all, in order).
+        hs_layer: which decoder layer's hidden state (None or the last: the final norm's output, as
+            the paper; any other layer: that layer's output, taken before any norm).
         """
         if isinstance(texts, str):  # one text, as sentence-transformers takes it: a result of one row
             texts = [texts]
@@ -123,18 +141,25 @@ class MoEEncoder:
         max_length = check_max_length(max_length, self.context_length)
         check_rw_source(rw_source)
         scoring = self.adapter.scoring if rw_source == "scores" else "logits"
+        pooling = Pooling(
+            check_pooling("rw_pooling", rw_pooling), check_pooling("hs_pooling", hs_pooling),
+            check_layers("rw_layers", rw_layers, self.num_moe_layers),
+            check_layer("hs_layer", self.num_layers - 1 if hs_layer is None else hs_layer, self.num_layers),
+        )
         template = resolve_prompt(prompt)
-        metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": scoring}
+        metadata = {"model": self.name, "prompt": "" if prompt is None else str(prompt), "rw": scoring,
+                    **pooling.metadata(self.num_moe_layers, self.num_layers)}
+        n_rw_layers = self.num_moe_layers if pooling.rw_layers is None else len(pooling.rw_layers)
         if not texts:
-            return MoEEmbeddings.empty(self.hidden_size, self.num_moe_layers, self.num_experts, metadata)
+            return MoEEmbeddings.empty(self.hidden_size, n_rw_layers, self.num_experts, metadata)
         ids = token_ids(self.tokenizer, texts, template, max_length, self.context_length)
         hs = torch.empty(len(texts), self.hidden_size, dtype=torch.float32)
-        rw = torch.empty(len(texts), self.num_moe_layers, self.num_experts, dtype=torch.float32)
+        rw = torch.empty(len(texts), n_rw_layers, self.num_experts, dtype=torch.float32)
         show = show_progress_bar if show_progress_bar is not None else (len(texts) >= 1000 and _stderr_is_tty())
         from tqdm.auto import tqdm
 
         with tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
-            for batch, (batch_hs, batch_rw) in self._run_batches(ids, batch_size, scoring):
+            for batch, (batch_hs, batch_rw) in self._run_batches(ids, batch_size, scoring, pooling):
                 batch_hs, batch_rw = _to_host(batch_hs, batch_rw)
                 check_finite_rows(batch_hs, batch_rw, batch.indices)
                 index = torch.tensor(batch.indices)
@@ -144,14 +169,14 @@ class MoEEncoder:
         return MoEEmbeddings(hs, rw, metadata)
 
     # ----------------------------------------------------------------------------------------
-    def _run_batches(self, ids: list[list[int]], batch_size: int | None, scoring: str):
+    def _run_batches(self, ids: list[list[int]], batch_size: int | None, scoring: str, pooling: Pooling | None = None):
         """Yield (batch, (hs, rw)) for every batch of this call. After an out-of-memory error the
         texts not yet run are re-planned at half the failed batch's cost, for this call only."""
         lengths, budget, warned = [len(seq) for seq in ids], self.token_budget, False
         todo = self._plan(lengths, range(len(ids)), budget, batch_size)
         while todo:
             batch = todo.pop(0)
-            result = self._try_forward(ids, batch, scoring)
+            result = self._try_forward(ids, batch, scoring, pooling)
             if result is not None:
                 yield batch, result
                 continue
@@ -171,11 +196,11 @@ class MoEEncoder:
         plan = plan_batches([lengths[i] for i in indices], budget, batch_size, count_padding=self._count_padding)
         return [Batch([indices[j] for j in b.indices], b.tokens, b.slots) for b in plan]
 
-    def _try_forward(self, ids: list[list[int]], batch: Batch, scoring: str):
+    def _try_forward(self, ids: list[list[int]], batch: Batch, scoring: str, pooling: Pooling):
         """The batch's (hs, rw), or None if it ran out of memory and can be split."""
         seqs = [ids[i] for i in batch.indices]
         try:
-            return self._forward(seqs, scoring)
+            return self._forward(seqs, scoring, pooling)
         except torch.OutOfMemoryError:
             if len(seqs) == 1:  # nothing smaller to retry: the error goes to the caller
                 raise
@@ -185,18 +210,27 @@ class MoEEncoder:
         return None
 
     @torch.inference_mode()
-    def _forward(self, seqs: list[list[int]], scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, seqs: list[list[int]], scoring: str, pooling: Pooling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One packed forward: each text's HS [B, H] and its routers' rows [B, L, E], fp32."""
         if self.fast_path.removed:
             raise RuntimeError("this encoder's fast path (its router tap included) was removed; build a new MoEEncoder on the model")
+        pooling = pooling or Pooling(hs_layer=self.num_layers - 1)
+        final_hs = pooling.hs_layer == self.num_layers - 1
         input_ids, position_ids, layout = pack(seqs, self.device, pin=self.device.type == "cuda")
-        forward = state.ForwardState(layout.last, input_ids.shape[1])
-        with state.running(forward), router_tap.keeping(self.fast_path.router_tap, scoring) as keeping:
+        forward = state.ForwardState(layout.last, input_ids.shape[1], trim=pooling.trim_exact(self.num_moe_layers, final_hs))
+        tap = self.fast_path.router_tap
+        layers = None if pooling.rw_layers is None else frozenset(pooling.rw_layers)
+        with state.running(forward), router_tap.keeping(
+            tap, scoring, pooling.rw, layers, None if final_hs else pooling.hs_layer, pooling.hs,
+        ) as keeping:
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, moee_packing=layout)
-        hs = out.last_hidden_state[0]
-        if hs.shape[0] != layout.batch_size:  # the final norm ran on every token (no "trim" part)
-            hs = hs.index_select(0, forward.last_on(hs.device))
-        kept = keeping.kept
+        if final_hs:
+            hs = out.last_hidden_state[0]
+            # Rows of the final norm's output: B when the trim ran it on the last tokens, else N.
+            hs = hs.float() if hs.shape[0] == layout.batch_size else router_tap.pool_rows(hs, forward, pooling.hs)
+        else:
+            hs = keeping.hs
+        kept = keeping.kept if pooling.rw_layers is None else [keeping.kept[i] for i in pooling.rw_layers]
         return hs.float(), torch.stack([rows.to(kept[0].device) for rows in kept], dim=1)
 
 
@@ -213,6 +247,36 @@ def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     done.record()
     done.synchronize()
     return host
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How one encode call pools: RW and HS over the last token or all tokens, which MoE layers'
+    RW (None: all), and which decoder layer's HS (the last: the final norm's output)."""
+
+    rw: str = "last"
+    hs: str = "last"
+    rw_layers: list[int] | None = None
+    hs_layer: int = -1
+
+    def trim_exact(self, n_moe_layers: int, final_hs: bool) -> bool:
+        """Whether the last layer may run on the last tokens only: not when a mean reads every
+        token of it (the last MoE layer's router rows, or the final norm's output)."""
+        rw_reads_last = self.rw == "mean" and (self.rw_layers is None or n_moe_layers - 1 in self.rw_layers)
+        return not (rw_reads_last or (self.hs == "mean" and final_hs))
+
+    def metadata(self, n_moe_layers: int, n_layers: int) -> dict[str, str]:
+        """The embeddings' metadata entries of the choices other than the paper's defaults."""
+        entries = {}
+        if self.rw != "last":
+            entries["rw_pooling"] = self.rw
+        if self.hs != "last":
+            entries["hs_pooling"] = self.hs
+        if self.rw_layers is not None and self.rw_layers != list(range(n_moe_layers)):
+            entries["rw_layers"] = ",".join(map(str, self.rw_layers))
+        if self.hs_layer != n_layers - 1:
+            entries["hs_layer"] = str(self.hs_layer)
+        return entries
 
 
 def _check_texts(texts) -> list[str]:

@@ -27,7 +27,7 @@ _DEFAULT_SCORE_TILE_BYTES = 32 << 20
 # What "auto" runs on CPU, per op: the C++ op only where it measured faster than torch (each op
 # reads its inputs once and keeps the exp vectorized; the measurements are in
 # benchmarks/results/cpu_ops_auto.md).
-_CPU_AUTO = {"gather_router_softmax": "cpp", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
+_CPU_AUTO = {"gather_router_softmax": "cpp", "mean_router_softmax": "cpp", "combined_cosine": "cpp", "topk_combined_cosine": "cpp"}
 
 def _triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -142,6 +142,20 @@ def _check_out(out, shape, dtype, device, name="out"):
         raise ValueError(f"{name} must be contiguous")
 
 
+def _check_router_logits(router_logits):
+    """(layer 0, the device, the fewest rows of any layer) of L float [rows_l, E] tensors."""
+    if isinstance(router_logits, torch.Tensor) or not isinstance(router_logits, Sequence) or not router_logits:
+        raise ValueError("router_logits must be a non-empty sequence of [rows, E] tensors (one per MoE layer)")
+    for layer, logits in enumerate(router_logits):
+        _check_float_matrix(logits, f"router_logits[{layer}]")
+    first = router_logits[0]
+    for layer, logits in enumerate(router_logits):
+        if logits.shape[1] != first.shape[1]:
+            raise ValueError(f"router_logits[{layer}] has {logits.shape[1]} experts, router_logits[0] has {first.shape[1]}")
+    _check_one_device({f"router_logits[{layer}]": logits for layer, logits in enumerate(router_logits)})
+    return first, first.device, min(logits.shape[0] for logits in router_logits)
+
+
 def _check_rows(rows, n_rows, device, check_range=True):
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
         raise ValueError(f"rows must be a 1-D integer tensor, got {rows!r:.80}")
@@ -185,6 +199,20 @@ def _torch_gather_router_softmax(router_logits, rows, out):
     return probs if out is None else out.copy_(probs)
 
 
+def segment_mean(x, cu_seqlens):
+    """float32 [B, D]: the mean of rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1 of x [N, D] for each b
+    (the torch reference of the segment-mean mode, also the HS mean over packed tokens)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(x.device)
+    owner = torch.repeat_interleave(torch.arange(lengths.shape[0], device=x.device), lengths)
+    total = x.new_zeros(lengths.shape[0], x.shape[1], dtype=torch.float32).index_add_(0, owner, x[: owner.shape[0]].float())
+    return total / lengths.unsqueeze(1)
+
+
+def _torch_mean_router_softmax(router_logits, cu_seqlens, out):
+    means = torch.stack([segment_mean(torch.softmax(logits.float(), dim=-1), cu_seqlens) for logits in router_logits], dim=1)
+    return means if out is None else out.copy_(means)
+
+
 def _torch_combined_cosine(a_hs, a_rw, b_hs, b_rw, alpha):
     return _torch_scores(_unit_rows(a_hs), _unit_rows(a_rw), b_hs, b_rw, alpha)
 
@@ -216,17 +244,9 @@ def gather_router_softmax(router_logits, rows, backend="auto", out=None, check_r
     check_rows=False skips the range check of `rows` (one device-to-host sync per call) for callers
     that built `rows` themselves, like the encoder once per MoE layer.
     """
-    if isinstance(router_logits, torch.Tensor) or not isinstance(router_logits, Sequence) or not router_logits:
-        raise ValueError("router_logits must be a non-empty sequence of [rows, E] tensors (one per MoE layer)")
-    for layer, logits in enumerate(router_logits):
-        _check_float_matrix(logits, f"router_logits[{layer}]")
-    first = router_logits[0]
-    n_experts, device = first.shape[1], first.device
-    for layer, logits in enumerate(router_logits):
-        if logits.shape[1] != n_experts:
-            raise ValueError(f"router_logits[{layer}] has {logits.shape[1]} experts, router_logits[0] has {n_experts}")
-    _check_one_device({f"router_logits[{layer}]": logits for layer, logits in enumerate(router_logits)})
-    rows = _check_rows(rows, min(logits.shape[0] for logits in router_logits), device, check_rows)
+    first, device, n_rows = _check_router_logits(router_logits)
+    n_experts = first.shape[1]
+    rows = _check_rows(rows, n_rows, device, check_rows)
     shape = (rows.shape[0], len(router_logits), n_experts)
     if out is not None:
         _check_out(out, shape, torch.float32, device)
@@ -244,6 +264,42 @@ def gather_router_softmax(router_logits, rows, backend="auto", out=None, check_r
 
     with _on_device(device):  # The kernel reads every layer through layer 0's element type.
         return launch([logits.to(first.dtype) for logits in router_logits], rows, out)
+
+
+def mean_router_softmax(router_logits, cu_seqlens, backend="auto", out=None, check_segments=True):
+    """The segment-mean mode of gather_router_softmax: for every MoE layer, the mean over each
+    sequence's packed rows of the softmax over experts, each row's softmax summed as it is made.
+
+    router_logits: sequence of L tensors [N_l, E] (any float dtype); cu_seqlens: int64 [B + 1],
+    sequence b owning rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1 of every layer -> float32 [B, L, E].
+    check_segments=False skips checking cu_seqlens (a host sync) for callers that built it from a packing.
+    """
+    first, device, n_rows = _check_router_logits(router_logits)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [B + 1], got {cu_seqlens!r:.80}")
+    if check_segments:
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] > n_rows:
+            raise IndexError(f"cu_seqlens runs from {bounds[0]} to {bounds[-1]}; it must start at 0 and end within the {n_rows} router rows")
+        for b, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            if end <= start:
+                raise ValueError(f"cu_seqlens must increase: sequence {b} has rows {start}..{end}")
+    shape = (cu_seqlens.shape[0] - 1, len(router_logits), first.shape[1])
+    if out is not None:
+        _check_out(out, shape, torch.float32, device)
+    backend = _resolve_backend("mean_router_softmax", backend, device)
+    if backend == "torch":
+        return _torch_mean_router_softmax(router_logits, cu_seqlens, out)
+    out = torch.empty(shape, dtype=torch.float32, device=device) if out is None else out
+    if shape[0] == 0:
+        return out
+    router_logits = [_row_contiguous(logits) for logits in router_logits]
+    if backend == "cpp":
+        return torch.ops.moee_fast.mean_router_softmax.out(router_logits, cu_seqlens.to("cpu", torch.int64), out=out)
+    from .kernels.gather_router_softmax import mean_router_softmax as launch
+
+    with _on_device(device):
+        return launch(router_logits, cu_seqlens.to(device, torch.int64).contiguous(), out)
 
 
 def _triton_operand(x):

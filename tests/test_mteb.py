@@ -30,7 +30,9 @@ from moee_fast import MoEEncoder, similarity, similarity_pairwise  # noqa: E402
 from moee_fast.cli import main  # noqa: E402
 from moee_fast.demo import build_demo_checkpoint  # noqa: E402
 from moee_fast.embeddings import VARIANTS  # noqa: E402
-from moee_fast.mteb import E5_INSTRUCTIONS, PAPER_TASKS, MoEEModel, load_moee_model, moee_model_name  # noqa: E402
+from moee_fast.mteb import (  # noqa: E402
+    E5_INSTRUCTIONS, PAPER_TASKS, MoEEModel, load_moee_model, moee_model_name, register_paper_models,
+)
 from moee_fast.prompts import build_prompt  # noqa: E402
 
 TEXTS = ["A man plays a guitar.", "Someone plays an instrument", 'Stocks "fell" sharply', "", "A cat sleeps in the sun."]
@@ -69,6 +71,17 @@ def encode_with(model, texts, task=MockSTSTask(), **encode_kwargs):
 
 def test_importing_moee_fast_leaves_mteb_alone():
     code = "import sys, moee_fast; assert 'mteb' not in sys.modules and 'moee_fast.mteb' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_importing_moee_fast_mteb_registers_nothing_until_asked():
+    code = (
+        "import mteb, moee_fast.mteb as m\n"
+        "from mteb.models.model_implementations import MODEL_REGISTRY\n"
+        "name = 'allenai/OLMoE-1B-7B-0924-MoEE-sum-alpha1'\n"
+        "assert name not in MODEL_REGISTRY\n"
+        "assert name in m.register_paper_models() and MODEL_REGISTRY[name].loader is m.load_moee_model\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -439,6 +452,7 @@ def test_paper_checkpoints_are_known_to_mteb(checkpoint_name):
     config = config(**fields)
     model_class = deepseek.DeepseekModel if class_name == "DeepseekConfig" else transformers.MODEL_MAPPING[type(config)]
     known = PAPER_CHECKPOINTS[checkpoint_name]
+    register_paper_models()
     assert parameter_counts(model_class, config) == known["counts"]
     with torch.device("meta"):
         moe_layers = sum(name.endswith(".experts") for name, _ in model_class._from_config(config).named_modules())

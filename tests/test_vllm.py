@@ -141,7 +141,7 @@ def test_vllm_serve_returns_the_moee_sum_vector(vllm_checkpoint, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "vllm serve did not come up"
                 time.sleep(2)
-        tokenizer = loading.load_tokenizer(path)
+        tokenizer = loading.checkpoint.load_tokenizer(path)
         ids = [tokenizer(t)["input_ids"] for t in texts]
         body = json.dumps({"model": path, "input": ids, "encoding_format": "float"}).encode()
         request = urllib.request.Request(url + "/v1/embeddings", body, {"Content-Type": "application/json"})

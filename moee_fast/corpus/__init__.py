@@ -34,7 +34,7 @@ def plan_corpus_job(encoder, inputs, output_dir, *, devices=None, dtype=None, **
 def encode_corpus(encoder, inputs, output_dir, *, prompt=None, shard_size=DEFAULT_SHARD_SIZE, text_field="text",
                   id_field=None, devices=None, overwrite=False, format="safetensors", batch_size=None,
                   max_length=None, rw_source="scores", skip_empty=False, dtype=None, progress=None, quoting="csv",
-                  duplicate_ids="warn", full_hashes=False) -> Corpus:
+                  duplicate_ids="warn", full_hashes=False, rw_pooling="last", hs_pooling="last") -> Corpus:
     """Encode the rows of `inputs` (paths, globs or "-") into `output_dir` as shards and a
     manifest, resuming a previous run of the same job; returns the result as `load_corpus` does.
     Another job running on `output_dir` is refused (JobLocked) naming its process.
@@ -45,12 +45,13 @@ def encode_corpus(encoder, inputs, output_dir, *, prompt=None, shard_size=DEFAUL
     duplicate_ids: "warn" or "error" when an `id_field` value repeats.
     full_hashes: fingerprint the model by a SHA-256 of every file (default: names, sizes,
     safetensors headers and small files' hashes).
+    rw_pooling, hs_pooling: as `MoEEncoder.encode` takes them (recorded in the manifest's options).
     """
     job, devices = plan_corpus_job(
         encoder, inputs, output_dir, devices=devices, dtype=dtype, prompt=prompt, shard_size=shard_size,
         text_field=text_field, id_field=id_field, overwrite=overwrite, format=format, batch_size=batch_size,
         max_length=max_length, rw_source=rw_source, skip_empty=skip_empty, quoting=quoting,
-        duplicate_ids=duplicate_ids, full_hashes=full_hashes,
+        duplicate_ids=duplicate_ids, full_hashes=full_hashes, rw_pooling=rw_pooling, hs_pooling=hs_pooling,
     )
     run_corpus_job(job, encoder, devices, progress)
     return load_corpus(output_dir)

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from ..checks import check_positive_int, check_rw_source
+from ..checks import check_pooling, check_positive_int, check_rw_source
 from ..files import check_writable_dir, write_json_atomic
 from ..prompts import resolve_prompt
 from . import readers
@@ -80,6 +80,7 @@ def encode_shard(encoder, shard: Shard, options: dict, output_dir: str, fmt: str
             out = encoder.encode(
                 texts, batch_size=options["batch_size"], prompt=options["prompt"],
                 max_length=options["max_length"], rw_source=options["rw_source"], show_progress_bar=False,
+                rw_pooling=options.get("rw_pooling", "last"), hs_pooling=options.get("hs_pooling", "last"),
             )
         except ValueError as exc:
             raise ValueError(name_rows(str(exc), shard.wheres[begin:])) from None
@@ -150,7 +151,7 @@ class CorpusJob:
     def __init__(self, model, inputs, output_dir, *, dtype: str, prompt=None, shard_size=DEFAULT_SHARD_SIZE,
                  text_field="text", id_field=None, overwrite=False, format="safetensors", batch_size=None,
                  max_length=None, rw_source="scores", skip_empty=False, engine="local", devices=None,
-                 full_hashes=False, quoting="csv", duplicate_ids="warn"):
+                 full_hashes=False, quoting="csv", duplicate_ids="warn", rw_pooling="last", hs_pooling="last"):
         if format not in SHARD_FORMATS:
             raise ValueError(f"format must be one of {', '.join(SHARD_FORMATS)}, got {format!r}")
         if prompt is not None and not isinstance(prompt, str):
@@ -166,7 +167,11 @@ class CorpusJob:
             "prompt": prompt, "batch_size": check_positive_int("batch_size", batch_size, allow_none=True),
             "max_length": check_positive_int("max_length", max_length, allow_none=True),
             "rw_source": check_rw_source(rw_source),
+            "rw_pooling": check_pooling("rw_pooling", rw_pooling), "hs_pooling": check_pooling("hs_pooling", hs_pooling),
         }
+        pooling = {name: value for name, value in (("rw_pooling", rw_pooling), ("hs_pooling", hs_pooling)) if value != "last"}
+        if pooling and engine != "local":
+            raise ValueError(f"{', '.join(pooling)}: the {engine} engine encodes the last token only")
         identity = model_identity(model, full_hashes)
         self.spec = {
             "format": FORMAT, **identity, "dtype": str(dtype),
@@ -174,7 +179,7 @@ class CorpusJob:
             "options": {"shard_size": check_positive_int("shard_size", shard_size), "text_field": text_field,
                         "id_field": id_field, "max_length": max_length, "batch_size": batch_size,
                         **_bit_options(model, devices), "progress_step": PROGRESS_STEP, "skip_empty": bool(skip_empty),
-                        "format": format, "engine": engine, "quoting": quoting, "duplicate_ids": duplicate_ids},
+                        "format": format, "engine": engine, "quoting": quoting, "duplicate_ids": duplicate_ids, **pooling},
             "inputs": [readers.fingerprint(p) for p in self.paths],
         }
         self.lock = None

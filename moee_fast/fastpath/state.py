@@ -15,10 +15,12 @@ _CURRENT: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("
 
 @dataclass
 class ForwardState:
-    """One packed forward: where its texts' last tokens lie and how many tokens it runs."""
+    """One packed forward: where its texts' last tokens lie, how many tokens it runs, and whether
+    the last layer may run on the last tokens only (mean pooling over that layer needs every token)."""
 
     last: torch.Tensor  # [B] packed position of each text's last token
     tokens: int  # packed tokens in the forward
+    trim: bool = True
     _on_device: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -30,6 +32,15 @@ class ForwardState:
         if device not in self._on_device:
             self._on_device[device] = self.last.to(device)
         return self._on_device[device]
+
+    def cu_seqlens_on(self, device: torch.device) -> torch.Tensor:
+        """int64 [B + 1] on `device`: text b owns packed rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1
+        (texts are packed back to back, so each starts after the previous one's last token)."""
+        key = ("cu_seqlens", device)
+        if key not in self._on_device:
+            last = self.last_on(device)
+            self._on_device[key] = torch.cat([last.new_zeros(1), last + 1])
+        return self._on_device[key]
 
 
 def current() -> ForwardState | None:

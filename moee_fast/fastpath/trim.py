@@ -4,7 +4,8 @@ No later layer reads the other positions, so the embedding needs only each text'
 there. Hooks gather those rows before the block and the norm; the block's output is scattered
 back to the packed rows (zeros elsewhere) for the residual add, where positions other than the
 last then hold values nothing reads. The hooks act only inside an encoder forward (they read its
-`state.ForwardState`); any other call of the model runs in full.
+`state.ForwardState`); any other call of the model runs in full, and so does a forward whose
+mean pooling reads every token of the last layer (`ForwardState.trim` False).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _TRIMMED: weakref.WeakSet = weakref.WeakSet()  # models whose hooks are installe
 
 def _take_last(module, args):
     forward = state.current()
-    if forward is None:
+    if forward is None or not forward.trim:
         return None
     hidden = args[0]  # [1, N, H]
     return (hidden.index_select(1, forward.last_on(hidden.device)), *args[1:])
@@ -29,7 +30,7 @@ def _take_last(module, args):
 
 def _scatter_last(module, args, output):
     forward = state.current()
-    if forward is None:
+    if forward is None or not forward.trim:
         return None
     rows = output[0] if isinstance(output, tuple) else output  # [1, B, H]
     full = rows.new_zeros(1, forward.tokens, rows.shape[-1]).index_copy_(1, forward.last_on(rows.device), rows)

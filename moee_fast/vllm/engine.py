@@ -23,7 +23,7 @@ def engine_kwargs(model: str | os.PathLike, output: str = "concat", alpha: float
     arguments go to `vllm.LLM` as they are; `hf_overrides` given there are kept.
     """
     model = os.path.expanduser(os.fspath(model))
-    config = loading.load_config(model)
+    config = loading.checkpoint.load_config(model)
     overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
     overrides.update(architectures=[architecture(config.model_type)], moee_output=output, moee_alpha=float(alpha))
     return dict(model=model, runner="pooling", hf_overrides=overrides, **llm_kwargs)
@@ -55,13 +55,13 @@ class VLLMEncoder:
         except ImportError as exc:
             raise ImportError(f"the vLLM engine needs vllm (pip install 'moee-fast[vllm]'): {exc}") from exc
         name = os.path.expanduser(os.fspath(name_or_path))
-        loading.refuse_remote_code(llm_kwargs)
-        config = loading.load_config(name)
+        loading.checkpoint.refuse_remote_code(llm_kwargs)
+        config = loading.checkpoint.load_config(name)
         architecture(config.model_type)  # an unsupported family fails before the engine starts
         # MoEEncoder's default: float32 where there is no GPU (vLLM's own default would be 16-bit).
         llm_kwargs.setdefault("dtype", "bfloat16" if torch.cuda.is_available() else "float32")
         llm = LLM(**engine_kwargs(name, output="concat", **llm_kwargs))
-        return cls(llm, loading.load_tokenizer(name), config, name=name)
+        return cls(llm, loading.checkpoint.load_tokenizer(name), config, name=name)
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, prompt: str | None = None,
                max_length: int | None = None, show_progress_bar: bool | None = None, rw_source: str = "scores") -> MoEEmbeddings:
