@@ -47,6 +47,8 @@ def _check_encode_args(args) -> None:
     if args.engine == "vllm" and not (single_file and args.format == "safetensors" and not args.devices and not args.quantize):
         raise UsageError("moee encode: --engine vllm writes one .safetensors file and places and loads the model itself; "
                          "leave out --devices and --quantize")
+    if args.engine == "vllm" and "mean" in (args.rw_pooling, args.hs_pooling):
+        raise UsageError("moee encode: --engine vllm takes the last token only; leave out --rw-pooling and --hs-pooling")
     if single_file and (args.format != "safetensors" or args.devices or args.engine == "ray"):
         raise UsageError("moee encode: --format parquet, --devices and --engine ray write a directory; "
                          "give --output a directory, not a .safetensors file")
@@ -97,7 +99,7 @@ def _encode_to_file(model: str, label: str, args) -> int:
     try:
         out = encoder.encode(
             [row.text for row in rows], batch_size=args.batch_size, prompt=args.prompt, max_length=args.max_length,
-            show_progress_bar=True if len(rows) >= 256 else None, rw_source=args.rw_source,
+            show_progress_bar=True if len(rows) >= 256 else None, rw_source=args.rw_source, **_pooling(args),
         )
     except ValueError as exc:
         raise ValueError(name_rows(str(exc), [row.where for row in rows])) from None
@@ -126,9 +128,15 @@ def _encode_to_directory(model: str, args) -> int:
         shard_size=args.shard_size, text_field=args.text_field, id_field=args.id_field, overwrite=args.overwrite,
         format=args.format, batch_size=args.batch_size, max_length=args.max_length, rw_source=args.rw_source,
         skip_empty=args.skip_empty, quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
+        **_pooling(args),
     )
     stats = run_corpus_job(job, model, devices, progress=True)
     return _report_job(stats, job.output_dir, sum(entry["rows"] for entry in job.manifest["shards"]))
+
+
+def _pooling(args) -> dict:
+    """encode's pooling arguments where they differ from the default (the vLLM engine takes none)."""
+    return {name: getattr(args, name) for name in ("rw_pooling", "hs_pooling") if getattr(args, name) != "last"}
 
 
 def _quantization(args) -> dict:
@@ -157,6 +165,7 @@ def _encode_on_ray(model: str, args) -> int:
         id_field=args.id_field, overwrite=args.overwrite, batch_size=args.batch_size, max_length=args.max_length,
         rw_source=args.rw_source, dtype=args.dtype, ray_address=args.ray_address, num_cpus=args.ray_cpus_per_actor,
         quoting=args.quoting, duplicate_ids=args.duplicate_ids, full_hashes=args.hash_weights == "full",
+        **_pooling(args),
     )
     return _report_job(stats, args.output, stats["rows"])
 
@@ -310,6 +319,10 @@ def _add_encode_arguments(encode: argparse.ArgumentParser) -> None:
     encode.add_argument("--devices", help="one worker per device: cuda:0,cuda:1, all, or cpu,cpu (threads split between them)")
     encode.add_argument("--engine", choices=("local", "ray", "vllm"), default="local",
                         help="ray: read, encode and write on Ray Data; vllm: run the model in vLLM (needs vllm)")
+    encode.add_argument("--rw-pooling", choices=("last", "mean"), default="last",
+                        help="RW of the last token (the paper's, default) or the mean over all of the text's tokens")
+    encode.add_argument("--hs-pooling", choices=("last", "mean"), default="last",
+                        help="HS of the last token (the paper's, default) or the mean over all of the text's tokens")
     encode.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
     encode.add_argument("--ray-cpus-per-actor", type=float,
                         help="CPUs each Ray encoder actor asks for (default: 1 where one more stays free for the checkpoint "

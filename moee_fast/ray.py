@@ -36,7 +36,8 @@ class MoEEBatchEncoder:
     a pyarrow Table out."""
 
     def __init__(self, model: str, prompt=None, text_column: str = "text", device=None, dtype=None,
-                 batch_size=None, max_length=None, rw_source: str = "scores", threads: int | None = None):
+                 batch_size=None, max_length=None, rw_source: str = "scores", threads: int | None = None,
+                 rw_pooling: str = "last", hs_pooling: str = "last"):
         import torch
 
         from .encoder import MoEEncoder
@@ -45,7 +46,8 @@ class MoEEBatchEncoder:
             torch.set_num_threads(threads)
         self.encoder = MoEEncoder.from_pretrained(model, device=device, dtype=dtype)
         self.text_column = text_column
-        self.options = dict(prompt=prompt, batch_size=batch_size, max_length=max_length, rw_source=rw_source)
+        self.options = dict(prompt=prompt, batch_size=batch_size, max_length=max_length, rw_source=rw_source,
+                            rw_pooling=rw_pooling, hs_pooling=hs_pooling)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -133,10 +135,12 @@ def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard
                       text_field="text", id_field=None, overwrite=False, batch_size=None, max_length=None,
                       rw_source="scores", dtype=None, ray_address=None, concurrency: int = 1,
                       num_gpus: float = 0, num_cpus: float | None = None, quoting="csv", duplicate_ids="warn",
-                      full_hashes=False) -> dict:
+                      full_hashes=False, rw_pooling="last", hs_pooling="last") -> dict:
     """The corpus job on Ray Data: our readers -> map_batches(MoEEBatchEncoder) -> write_parquet
     into `output_dir`, resumable through Ray Data's checkpointing where the installed Ray has it,
-    then a manifest for `load_corpus`. Returns the run's {rows, tokens, seconds}.
+    then a manifest for `load_corpus`. Returns the run's {rows, tokens, seconds}. rw_pooling and
+    hs_pooling are `encode`'s; a choice other than "last" is recorded in the manifest as the local
+    job records it.
 
     num_cpus: CPUs per encoder actor; None asks for 1 where the cluster keeps one more free for
     the checkpoint filter of a resumed run, else what is left (a 2-CPU machine: 0.5). An error
@@ -146,7 +150,8 @@ def encode_corpus_ray(model: str, inputs, output_dir: str, *, prompt=None, shard
     job = CorpusJob(model, inputs, output_dir, dtype=dtype or "auto", prompt=prompt, shard_size=shard_size,
                     text_field=text_field, id_field=id_field, overwrite=overwrite, format="parquet",
                     batch_size=batch_size, max_length=max_length, rw_source=rw_source, engine="ray",
-                    quoting=quoting, duplicate_ids=duplicate_ids, full_hashes=full_hashes)
+                    quoting=quoting, duplicate_ids=duplicate_ids, full_hashes=full_hashes,
+                    rw_pooling=rw_pooling, hs_pooling=hs_pooling)
     try:
         if job.manifest["complete"]:
             _remove_folder(output_dir, CHECKPOINT_DIR)  # left if a finished run stopped just before
@@ -204,7 +209,6 @@ def _run_on_ray(job: CorpusJob, model: str, ray_address, concurrency: int, num_g
 
     output_dir, options, encode = job.output_dir, job.spec["options"], job.encode_options
     text_field, id_field, shard_size = options["text_field"], options["id_field"], job.shard_size
-    prompt, batch_size, max_length, rw_source = (encode[k] for k in ("prompt", "batch_size", "max_length", "rw_source"))
     dtype = None if job.spec["dtype"] == "auto" else job.spec["dtype"]
     if not ray.is_initialized():
         ray.init(address=ray_address, log_to_driver=False)
@@ -218,8 +222,7 @@ def _run_on_ray(job: CorpusJob, model: str, ray_address, concurrency: int, num_g
         ds = ds.map_batches(
             MoEEBatchEncoder, batch_size=shard_size, batch_format="pyarrow", concurrency=concurrency,
             num_gpus=num_gpus or None, num_cpus=num_cpus,
-            fn_constructor_kwargs=dict(model=model, prompt=prompt, dtype=dtype, batch_size=batch_size,
-                                       max_length=max_length, rw_source=rw_source),
+            fn_constructor_kwargs=dict(model=model, dtype=dtype, **encode),
         )
         ds.drop_columns(["text"]).write_parquet(os.path.join(output_dir, DATA_DIR), ray_remote_args=_IO_TASK_ARGS)
     job.manifest.update(_written_shards(output_dir), complete=True)

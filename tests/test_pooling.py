@@ -186,3 +186,8 @@ def test_corpus_job_takes_the_pooling_and_records_it(checkpoint, texts, tmp_path
     assert (options["rw_pooling"], options["hs_pooling"]) == ("mean", "mean")
     with pytest.raises(ValueError, match="rw_pooling"):
         encode_corpus(enc, [str(path)], tmp_path / "bad", rw_pooling="max", progress=False)
+    # A resumed job must ask for the pooling its shards were made with; the default "last" included.
+    with pytest.raises(ValueError, match=r"different rw_pooling \('mean', now 'last'\)"):
+        encode_corpus(enc, [str(path)], tmp_path / "out", shard_size=4, hs_pooling="mean", progress=False)
+    assert encode_corpus(enc, [str(path)], tmp_path / "out", shard_size=4, rw_pooling="mean", hs_pooling="mean",
+                         progress=False).ids == corpus.ids

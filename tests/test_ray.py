@@ -55,6 +55,35 @@ def test_ray_job_equals_the_single_process_job(tmp_path, checkpoint, local_ray):
     assert redone["rows"] == 21 and load_corpus(tmp_path / "ray").ids == single.ids
 
 
+def test_ray_job_with_mean_pooling_equals_the_local_job_bitwise(tmp_path, checkpoint, local_ray):
+    from moee_fast.ray import encode_corpus_ray
+
+    olmoe = checkpoint("olmoe")
+    # 8 rows per file and shards of 4: Ray's batches (per file) hold the same texts as the local shards.
+    paths = write_corpus_files(tmp_path, random_texts(24, seed=24, max_words=30))
+    pooling = dict(rw_pooling="mean", hs_pooling="mean")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray actor (one CPU or less) runs: the same reduction order
+    try:
+        local = encode_corpus(MoEEncoder.from_pretrained(olmoe, device="cpu"), paths, tmp_path / "local", shard_size=4,
+                              progress=False, **pooling)
+        last = encode_corpus(MoEEncoder.from_pretrained(olmoe, device="cpu"), paths, tmp_path / "last", shard_size=4,
+                             progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5, **pooling)
+    on_ray = load_corpus(tmp_path / "ray")
+    assert on_ray.ids == local.ids
+    assert not on_ray.hs.isnan().any() and not on_ray.rw.isnan().any()
+    assert torch.equal(on_ray.hs, local.hs) and torch.equal(on_ray.rw, local.rw)
+    assert not torch.allclose(local.rw, last.rw)  # the mean is not the last token's
+    for job in ("local", "ray"):
+        options = json.loads((tmp_path / job / "_manifest.json").read_text())["options"]
+        assert options["rw_pooling"] == options["hs_pooling"] == "mean"
+    with pytest.raises(ValueError, match="different rw_pooling"):
+        encode_corpus_ray(olmoe, paths, str(tmp_path / "ray"), shard_size=4, num_cpus=0.5, hs_pooling="mean")
+
+
 def test_batch_encoder_adds_columns(checkpoint, local_ray):
     import ray.data
 
@@ -83,6 +112,11 @@ def test_command_line_engine_ray(tmp_path, checkpoint, local_ray, capsys):
     local, on_ray = load_corpus(tmp_path / "local"), load_corpus(tmp_path / "ray")
     assert on_ray.ids == local.ids and torch.allclose(on_ray.hs, local.hs, rtol=1e-5, atol=1e-6)
     assert main(base + ["--output", str(tmp_path / "ray2"), "--engine", "ray", "--input", "-"]) == 1
+    mean = ["--rw-pooling", "mean", "--hs-pooling", "mean"]
+    assert main(base + ["--output", str(tmp_path / "local-mean"), *mean]) == 0
+    assert main(base + ["--output", str(tmp_path / "ray-mean"), "--engine", "ray", *mean]) == 0
+    local, on_ray = load_corpus(tmp_path / "local-mean"), load_corpus(tmp_path / "ray-mean")
+    assert torch.allclose(on_ray.rw, local.rw, rtol=1e-5, atol=1e-6) and not torch.allclose(on_ray.rw, load_corpus(tmp_path / "ray").rw)
 
 
 RAY_JOB = """

@@ -170,8 +170,6 @@ class CorpusJob:
             "rw_pooling": check_pooling("rw_pooling", rw_pooling), "hs_pooling": check_pooling("hs_pooling", hs_pooling),
         }
         pooling = {name: value for name, value in (("rw_pooling", rw_pooling), ("hs_pooling", hs_pooling)) if value != "last"}
-        if pooling and engine != "local":
-            raise ValueError(f"{', '.join(pooling)}: the {engine} engine encodes the last token only")
         identity = model_identity(model, full_hashes)
         self.spec = {
             "format": FORMAT, **identity, "dtype": str(dtype),
@@ -255,6 +253,9 @@ class CorpusJob:
         new = {**{k: v for k, v in self.spec.items() if k != "options"}, **self.spec["options"]}
         if readers.STDIN in self.paths:
             new["inputs"] = old["inputs"] = "stdin, compared shard by shard"
+        for key in ("rw_pooling", "hs_pooling"):  # recorded only where not "last": absent on either side is "last"
+            old.setdefault(key, "last")
+            new.setdefault(key, "last")
         for key in new:
             if old.get(key) != new[key]:
                 what = describe_weights_change(old.get(key), new[key]) if key == "weights" else (
