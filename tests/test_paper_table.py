@@ -40,7 +40,7 @@ def test_table_matches_each_variant_run_alone_and_encodes_each_text_once_per_poo
 
     monkeypatch.setattr(encoder, "encode", counting)
     monkeypatch.setitem(data.PAPER_FIGURES, "moee-fast/" + encoder.name.rstrip("/").split("/")[-1],
-                        {"MockSTSTask": {"MoEE(sum)": 12.5}})
+                        {"prompteol": {"MockSTSTask": {"MoEE(sum)": 12.5}}, "none": {"MockSTSTask": {"MoEE(sum)": 99.0}}})
     rows = table.paper_table(encoder, TASKS, alphas=(0.5, 2.0), output_dir=tmp_path / "results", instructions=False)
     assert [row["type"] for row in rows] == sorted(row["type"] for row in rows)
     assert len(encoded) == len(set(encoded))  # no text encoded twice for one pooling
@@ -97,3 +97,28 @@ def test_cli_writes_the_table(demo_path, tmp_path, monkeypatch, capsys):
     assert str(tmp_path / "paper.md") in capsys.readouterr().out
     with pytest.raises(SystemExit, match="pooling"):
         main(["paper-table", "--model", demo_path, "--tasks", "MockSTSTask", "--poolings", "first", "--output", str(out)])
+
+
+def test_paper_figures_are_the_papers_tables():
+    """Each type average of the paper's Tables 3-4 is the mean of its Appendix A rows for that type:
+    a figure mistyped in either table breaks the equality (one mismatch is in the paper itself)."""
+    from moee_fast.mteb.paper_figures import COLUMNS, PAPER_TYPE_AVERAGES, PROMPTS, _TASKS
+
+    assert set(data.PAPER_FIGURES) == set(PAPER_TYPE_AVERAGES) == {
+        "deepseek-ai/deepseek-moe-16b-base", "Qwen/Qwen1.5-MoE-A2.7B", "allenai/OLMoE-1B-7B-0924"}
+    assert all(task in data.PAPER_TASKS for tasks in _TASKS.values() for task in tasks)
+    mismatches = []
+    for checkpoint, prompts in data.PAPER_FIGURES.items():
+        assert set(prompts) == set(PROMPTS)
+        for prompt, figures in prompts.items():
+            types = PAPER_TYPE_AVERAGES[checkpoint][prompt]
+            for column in COLUMNS:
+                for task_type, tasks in _TASKS.items():
+                    mean = sum(figures[task][column] for task in tasks) / len(tasks)
+                    if abs(mean - types[task_type][column]) > 0.006:
+                        mismatches.append((checkpoint, prompt, task_type, column))
+                six = [types[t][column] for t in ("Classification", "Clustering", "PairClassification", "Reranking", "STS", "Summarization")]
+                assert sum(six) / 6 == pytest.approx(types["average"][column], abs=0.006)
+    assert mismatches == [("deepseek-ai/deepseek-moe-16b-base", "none", "Reranking", "HS")]
+    assert data.PAPER_FIGURES["allenai/OLMoE-1B-7B-0924"]["prompteol"]["STSBenchmark"]["MoEE(sum)"] == 75.58
+    assert PAPER_TYPE_AVERAGES["allenai/OLMoE-1B-7B-0924"]["prompteol"]["average"]["MoEE(sum)"] == 55.16

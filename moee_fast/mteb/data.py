@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# The paper's figures (checkpoint -> prompt -> MTEB task -> column), copied from its tables.
+from .paper_figures import PAPER_FIGURES, PAPER_TYPE_AVERAGES  # noqa: F401
+
 # The e5 instruction set, as the paper's evaluation used it, for the tasks it reports.
 E5_INSTRUCTIONS: dict[str, str] = {
     "EmotionClassification": "Classify the emotion expressed in the given Twitter message into one of the six emotions: anger, fear, joy, love, sadness, and surprise",
@@ -77,9 +80,3 @@ PAPER_CHECKPOINTS: dict[str, dict[str, Any]] = {
         card={"license": "apache-2.0", "languages": ["deu-Latn", "eng-Latn", "fra-Latn", "ita-Latn", "spa-Latn"], "release_date": "2023-12-11"},
     ),
 }
-
-
-# Figures the paper reports, by checkpoint, then MTEB task name, then column ("HS", "RW",
-# "MoEE(concat)", "MoEE(sum)"), main score x 100: the table runner prints them beside ours, headed
-# as the paper's. Only figures copied from the paper belong here.
-PAPER_FIGURES: dict[str, dict[str, dict[str, float]]] = {}

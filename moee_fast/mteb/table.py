@@ -4,7 +4,7 @@ type, written as markdown and CSV.
 
 Each text is encoded once per pooling (and prompt): HS and RW are kept, and every variant and alpha
 is combined from them. The paper's reported figures, where `PAPER_FIGURES` holds them for the
-model and task, stand beside ours in columns marked as the paper's.
+model, prompt (none or PromptEOL) and task, stand beside ours in columns marked as the paper's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ..checks import check_alpha, check_pooling
 from ..embeddings import MoEEmbeddings
 from ..encoder import MoEEncoder
-from .data import PAPER_FIGURES
+from .data import DEFAULT_PROMPT, PAPER_FIGURES
 from .model import MoEEModel
 from .naming import mteb_model_name
 
@@ -84,11 +84,16 @@ def paper_table(
             for name, row in table.items():
                 best = max(alphas, key=lambda alpha: by_alpha[alpha][name])  # the first of equals: the smallest listed
                 row[f"MoEE(sum) {pooling}"], row[f"alpha {pooling}"] = by_alpha[best][name], best
-    checkpoint = mteb_model_name(encoder.name)
+    figures = PAPER_FIGURES.get(mteb_model_name(encoder.name), {}).get(_paper_prompt(settings.get("prompt", DEFAULT_PROMPT)), {})
     for name, row in table.items():
-        for column, value in PAPER_FIGURES.get(checkpoint, {}).get(name, {}).items():
+        for column, value in figures.get(name, {}).items():
             row[f"paper {column}"] = value
     return sorted(table.values(), key=lambda row: (row["type"], row["task"]))
+
+
+def _paper_prompt(prompt) -> str | None:
+    """The paper's prompt setting this table's prompt matches: "none", "prompteol" or None (another prompt)."""
+    return {None: "none", "none": "none", "prompteol": "prompteol"}.get(prompt)
 
 
 def columns_of(rows: list[dict[str, Any]]) -> list[str]:
