@@ -1,13 +1,14 @@
 """Corpus jobs against in-process `encode`, on the built-in demo model and short texts.
 
     python benchmarks/bench_corpus.py              # throughput side by side, then peak RSS at 20k and 200k texts
-    python benchmarks/bench_corpus.py --quick      # smaller sizes, a smoke run
+    python benchmarks/bench_corpus.py --quick      # 2,000 texts, one round, peak RSS at 2k and 20k: a first check
     python benchmarks/bench_corpus.py --texts 4000 --sizes 2000,20000 --shard-size 1000   # the same ratios, 10x smaller
 
 Throughput: the same texts through `MoEEncoder.encode` (all in memory, one call) and through
 `encode_corpus` (read from a .txt file, sharded, written and fsynced), rounds alternated, medians
 compared. Peak RSS: each corpus size in a fresh process (imports and model load included, as a
-user's command has them), same model and shard size. The table goes to benchmarks/results/.
+user's command has them), same model and shard size. The tables go to benchmarks/results/
+(cpu_corpus[_quick]_<date>.md, and .jsonl), rewritten as each measurement ends.
 """
 
 from __future__ import annotations
@@ -90,68 +91,82 @@ def peak_rss(n: int, shard_size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(result: dict, sizes: list[dict]) -> str:
+def report(records: list[dict], quick_mode: bool = False) -> str:
     import torch
 
-    s = result["seconds"]
+    from benchmarks.helpers import quick_note
+
+    result = next((r for r in records if r["kind"] == "throughput"), None)
+    sizes = [r for r in records if r["kind"] == "peak"]
     lines = [
         f"# Corpus jobs on CPU ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (load average {result['load_average']:.1f} before the run: "
+        *quick_note(quick_mode),
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the last write: "
         "other work on the cores makes timings noisy), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: the built-in demo (untrained OLMoE layout); "
         "short texts (3-14 words).",
         "",
-        "## Throughput, side by side in one run (medians of alternated rounds)",
-        "",
-        "| path | texts | shard size | seconds | texts/s |",
-        "|---|---|---|---|---|",
-        f"| in-process encode | {result['texts']} | - | {s['encode']:.2f} | {result['texts'] / s['encode']:.0f} |",
-        f"| encode_corpus (read, shard, write, fsync) | {result['texts']} | {result['shard_size']} | {s['encode_corpus']:.2f} | {result['texts'] / s['encode_corpus']:.0f} |",
-        "",
-        f"encode_corpus runs at **{100 * result['ratio']:.0f}%** of in-process encode's throughput "
-        f"(all rounds: {json.dumps({k: [round(x, 2) for x in v] for k, v in result['all_seconds'].items()})}).",
-        "",
-        "## Opening the result (`hs` and `rw` read), this thread's CPU seconds, medians",
-        "",
-        "| how | CPU s |",
-        "|---|---|",
-        *[f"| {name} | {seconds:.3f} |" for name, seconds in result["load_cpu_seconds"].items()],
-        "",
+    ]
+    if result is not None:
+        s = result["seconds"]
+        lines += [
+            "## Throughput, side by side in one run (medians of alternated rounds)",
+            "",
+            "| path | texts | shard size | seconds | texts/s |",
+            "|---|---|---|---|---|",
+            f"| in-process encode | {result['texts']} | - | {s['encode']:.2f} | {result['texts'] / s['encode']:.0f} |",
+            f"| encode_corpus (read, shard, write, fsync) | {result['texts']} | {result['shard_size']} | {s['encode_corpus']:.2f} | {result['texts'] / s['encode_corpus']:.0f} |",
+            "",
+            f"encode_corpus runs at **{100 * result['ratio']:.0f}%** of in-process encode's throughput "
+            f"(all rounds: {json.dumps({k: [round(x, 2) for x in v] for k, v in result['all_seconds'].items()})}; "
+            f"load average {result['load_average']:.1f} before them).",
+            "",
+            "## Opening the result (`hs` and `rw` read), this thread's CPU seconds, medians",
+            "",
+            "| how | CPU s |",
+            "|---|---|",
+            *[f"| {name} | {seconds:.3f} |" for name, seconds in result["load_cpu_seconds"].items()],
+            "",
+        ]
+    if not sizes:
+        return "\n".join(lines) + "\n"
+    lines += [
         "## Peak resident memory of a whole `encode_corpus` process (imports and model included)",
         "",
         "| texts | shard size | peak RSS MiB | seconds | output MiB |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['texts']} | {result['shard_size']} | {r['peak_rss_mib']} | {r['seconds']} | {r['output_mib']} |" for r in sizes]
+    lines += [f"| {r['texts']} | {r['shard_size']} | {r['peak_rss_mib']} | {r['seconds']} | {r['output_mib']} |" for r in sizes]
     lines += ["", f"Largest / smallest peak: **{sizes[-1]['peak_rss_mib'] / sizes[0]['peak_rss_mib']:.2f}x** for "
               f"{sizes[-1]['texts'] // sizes[0]['texts']}x the texts."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: benchmarks.*
+    from benchmarks.helpers import ResultsLog, add_quick_arguments, results_dir, results_stem
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_quick_arguments(parser, "2,000 texts, one round, peak RSS at 2,000 and 20,000 texts")
     parser.add_argument("--peak-child", type=int)
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--texts", type=int, default=20_000, help="texts in the throughput comparison")
+    parser.add_argument("--rounds", type=int, help="alternated rounds of the throughput comparison (default 3; quick 1)")
     parser.add_argument("--sizes", default="20000,200000", help="corpus sizes for the peak RSS curve")
     args = parser.parse_args()
     if args.peak_child:
         return peak_child(args.peak_child, args.shard_size)
     sizes = [2_000, 20_000] if args.quick else [int(n) for n in args.sizes.split(",")]
-    result = throughput(2_000 if args.quick else args.texts, 3, args.shard_size)
+    log = ResultsLog(args.out_dir or results_dir(), results_stem("cpu_corpus", args.quick), lambda rs: report(rs, args.quick))
+    result = throughput(2_000 if args.quick else args.texts, args.rounds or (1 if args.quick else 3), args.shard_size)
+    log.add({"kind": "throughput", **result})
     print(f"throughput ratio {result['ratio']:.3f}", file=sys.stderr)
-    curve = []
     for n in sizes:
-        curve.append(peak_rss(n, args.shard_size))
-        print(curve[-1], file=sys.stderr)
-    text = report(result, curve)
-    print(text)
-    if not args.quick:
-        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        with open(os.path.join(folder, f"cpu_corpus_{time.strftime('%Y-%m-%d')}.md"), "w", encoding="utf-8") as f:
-            f.write(text)
+        log.add({"kind": "peak", "shard_size": args.shard_size, **peak_rss(n, args.shard_size)})
+        print(log.records[-1], file=sys.stderr)
+    print(report(log.records, args.quick))
+    print(f"written to {log.markdown}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Peak resident memory of loading a DeepSeekMoE checkpoint in bfloat16 on CPU.
 
-Run: python -m benchmarks.bench_deepseek_load [CHECKPOINT_DIR]
+Run: python -m benchmarks.bench_deepseek_load [CHECKPOINT_DIR] [--quick]
 Without a directory it writes a ~1 GB random bf16 checkpoint in the published layout (256 MiB
-shards, per-expert tensors, an lm_head that is not loaded) to a temporary directory.
+shards, per-expert tensors, an lm_head that is not loaded) to a temporary directory; --quick: a
+~0.24 GB one (2 layers, 64 MiB shards). The result goes to benchmarks/results/deepseek_load_<date>.md
+(and .jsonl) as soon as it is measured.
 The load runs in a fresh process; its peak resident memory (ru_maxrss) less the resident memory
 after every import is reported as a multiple of the loaded weights. Streaming the shards one
 tensor at a time keeps it near 1x: a load that held two copies would show 2x.
@@ -10,6 +12,7 @@ tensor at a time keeps it near 1x: a load that held two copies would show 2x.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -44,15 +47,15 @@ SYNTHETIC = dict(
 )
 
 
-def write_synthetic_checkpoint(path: str) -> None:
+def write_synthetic_checkpoint(path: str, layers: int = SYNTHETIC["num_hidden_layers"], shard_mib: int = 256) -> None:
     from moee_fast.demo import SAMPLE_TEXTS, build_tokenizer
     from benchmarks.models import save_random_checkpoint
     from moee_fast.loading.models.deepseek import DeepseekConfig
 
     tokenizer = build_tokenizer(SAMPLE_TEXTS * 4, vocab_size=400)
-    config = DeepseekConfig(**SYNTHETIC, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    config = DeepseekConfig(**{**SYNTHETIC, "num_hidden_layers": layers}, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    save_random_checkpoint(config, path, dtype=torch.bfloat16, max_shard_bytes=256 * 2**20)
+    save_random_checkpoint(config, path, dtype=torch.bfloat16, max_shard_bytes=shard_mib * 2**20)
     tokenizer.save_pretrained(path)
 
 
@@ -63,15 +66,38 @@ def measure(path: str) -> tuple[int, int]:
     return extra, loaded
 
 
+def render(records: list[dict]) -> str:
+    from benchmarks.helpers import markdown_table, quick_note
+
+    rows = [[r["checkpoint"], f"{r['files_gb']:.3f}", f"{r['loaded_gb']:.3f}", f"{r['peak_gb']:.3f}", f"{r['ratio']:.2f}x"]
+            for r in records]
+    return "\n".join([
+        "# Peak resident memory of a DeepSeekMoE bf16 load on CPU", "",
+        *quick_note(any(r["quick"] for r in records)),
+        "Peak resident memory of the load (fresh process, imports excluded) against the loaded weights (bf16, no lm_head).", "",
+        *markdown_table(["checkpoint", "files GB", "loaded GB", "load peak GB", "peak / weights"], rows),
+    ]) + "\n"
+
+
 def main() -> None:
+    from benchmarks.helpers import ResultsLog, add_quick_arguments, results_dir, results_stem
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", help="a DeepSeekMoE checkpoint directory (default: a synthetic one)")
+    add_quick_arguments(parser, "a 2-layer synthetic checkpoint of ~0.24 GB")
+    args = parser.parse_args()
+    log = ResultsLog(args.out_dir or results_dir(), results_stem("deepseek_load", args.quick), render)
     with tempfile.TemporaryDirectory() as scratch:
-        path = sys.argv[1] if len(sys.argv) > 1 else scratch
-        if len(sys.argv) <= 1:
-            write_synthetic_checkpoint(path)
+        path = args.checkpoint or scratch
+        if not args.checkpoint:
+            write_synthetic_checkpoint(path, *((2, 64) if args.quick else ()))
         files = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         extra, loaded = measure(path)
+    log.add(dict(checkpoint=args.checkpoint or "synthetic", quick=args.quick, files_gb=files / 1e9, loaded_gb=loaded / 1e9,
+                 peak_gb=extra / 1e9, ratio=extra / loaded))
     print(f"checkpoint files {files / 1e9:.3f} GB, loaded weights {loaded / 1e9:.3f} GB (bf16, no lm_head)")
     print(f"load peak resident memory: {extra / 1e9:.3f} GB = {extra / loaded:.2f}x the loaded weights")
+    print(f"written to {log.markdown}")
 
 
 if __name__ == "__main__":

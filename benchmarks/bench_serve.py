@@ -1,13 +1,14 @@
 """`moee serve` against in-process `encode` of the same texts, side by side in one run.
 
-    python benchmarks/bench_serve.py [--model olmoe] [--layers N] [--requests 128] [--clients 32] [--threads N]
+    python benchmarks/bench_serve.py [--model olmoe] [--layers N] [--requests 128] [--clients 32] [--threads N] [--quick]
 
 Throughput: `--clients` concurrent clients send `--requests` requests of 1-16 texts each (the
 OpenAI shape, base64 as the SDK asks) to a live `moee serve` on 127.0.0.1, alternating with one
 in-process `encode` call over the same texts (`--rounds` times); the server's texts/s is judged
 against in-process encode's, median against median. Latency: p50 and p99 per request with half
 as many clients. Every vector the server returns is checked against in-process encode. Results
-go to benchmarks/results/.
+go to benchmarks/results/serve_<model>[_quick]_<date>.md, rewritten after each round. --quick:
+32 requests, 8 clients, one round (the hostile mix: 15 s).
 
     python benchmarks/bench_serve.py --hostile [--seconds 60]
 
@@ -38,11 +39,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus import synthetic_corpus  # noqa: E402
+from helpers import add_quick_arguments, quick_note, results_dir, results_stem  # noqa: E402
 from models import build_checkpoint, scaled_configs  # noqa: E402
 
 from moee_fast import MoEEncoder  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def make_requests(texts: list[str], count: int, seed: int) -> list[list[str]]:
@@ -188,15 +188,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="olmoe", help="a benchmark model (benchmarks/models.py): olmoe, mixtral, qwen2_moe, deepseek")
     parser.add_argument("--layers", type=int, help="override the model's depth (default: the scaled model's own)")
-    parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="in-process and served runs, alternated (default: %(default)s)")
+    parser.add_argument("--requests", type=int, help="default 128; quick 32")
+    parser.add_argument("--clients", type=int, help="default 32; quick 8")
+    parser.add_argument("--rounds", type=int, help="in-process and served runs, alternated (default 2; quick 1)")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads in both processes (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hostile", action="store_true", help="the hostile mix instead of throughput")
-    parser.add_argument("--seconds", type=float, default=60.0, help="length of the hostile mix (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, help="length of the hostile mix (default 60; quick 15)")
     parser.add_argument("--max-batch-tokens", type=int, help="the server's --max-batch-tokens (default: the server's default)")
+    add_quick_arguments(parser, "32 requests, 8 clients, one round; the hostile mix for 15 s")
     args = parser.parse_args()
+    args.requests = args.requests or (32 if args.quick else 128)
+    args.clients = args.clients or (8 if args.quick else 32)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.seconds = args.seconds or (15.0 if args.quick else 60.0)
     if args.threads:
         torch.set_num_threads(args.threads)
     root = os.environ.get("MOEE_FAST_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "moee-fast-bench")
@@ -206,7 +211,11 @@ def main() -> int:
         path = build_checkpoint(args.model, root)
     encoder = MoEEncoder.from_pretrained(path, device="cpu")
     if args.hostile:
-        return write_report(run_hostile(args, path, encoder), f"serve_hostile_{args.model}")
+        out = report_path(args, f"serve_hostile_{args.model}")
+        report = run_hostile(args, path, encoder)
+        print(report)
+        return write_report(report, out)
+    out = report_path(args, f"serve_{args.model}")
     corpus = synthetic_corpus(encoder.tokenizer, 400, seed=args.seed)
     requests = make_requests(corpus, args.requests, args.seed)
     half = requests[::2]  # the latency run: half the clients, texts the reference covers
@@ -227,24 +236,32 @@ def main() -> int:
             served.append(seconds)
             worst = max(worst, max_relative_diff(requests, vectors, reference))
             print(f"round {round_ + 1}: in-process {in_process[-1]:.2f} s, served {served[-1]:.2f} s", file=sys.stderr)
+            write_report(render(args, len(texts), tokens, in_process, served, None, worst, load_before, os.getloadavg()), out)
         _, latencies, half_vectors = asyncio.run(drive(url, half, max(args.clients // 2, 1)))
         worst = max(worst, max_relative_diff(half, half_vectors, reference))
     finally:
         process.terminate()
         process.wait(60)
     report = render(args, len(texts), tokens, in_process, served, latencies, worst, load_before, os.getloadavg())
-    return write_report(report, f"serve_{args.model}")
-
-
-def write_report(report: str, stem: str) -> int:
     print(report)
-    os.makedirs(RESULTS, exist_ok=True)
-    out = os.path.join(RESULTS, f"{stem}_{datetime.date.today().isoformat()}.md")
-    if os.path.exists(out):  # a second run the same day keeps the first
+    return write_report(report, out)
+
+
+def report_path(args, name: str) -> str:
+    """benchmarks/results/<name>[_quick]_<date>.md; a second run the same day keeps the first."""
+    folder = args.out_dir or results_dir()
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, results_stem(name, args.quick) + ".md")
+    if os.path.exists(out):
         out = out.replace(".md", f"_{datetime.datetime.now():%H%M}.md")
+    return out
+
+
+def write_report(report: str, out: str) -> int:
+    """(Re)write the report: after each round, so a stopped run keeps the rounds that ended."""
     with open(out, "w") as f:
         f.write(report)
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -255,11 +272,12 @@ def heading(title: str, args, load_before, load_after) -> list[str]:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
         f"threads in each process; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
+        *([""] + quick_note(True)[:1] if args.quick else []),
     ]
 
 
 def render(args, n_texts, tokens, in_process, served, latencies, worst, load_before, load_after) -> str:
-    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    """The report; latencies None: the rounds so far, the latency run not yet made."""
     lines = [
         *heading("moee serve vs in-process encode", args, load_before, load_after),
         "The machine was shared with other work during the run, so absolute rates move; the two paths alternated on the same texts.",
@@ -277,9 +295,14 @@ def render(args, n_texts, tokens, in_process, served, latencies, worst, load_bef
     lines += [
         f"| median | {a:.2f} | {b:.2f} | {n_texts / a:.1f} | {n_texts / b:.1f} | {ratio:.0%} (median of the rounds) |",
         "",
-        f"Latency at half load ({max(args.clients // 2, 1)} clients, {len(latencies)} requests): "
-        f"p50 {p50:.0f} ms, p99 {p99:.0f} ms.",
-        "",
+    ]
+    if latencies is None:
+        lines += [f"Latency run: not yet made ({len(in_process)} of {args.rounds} rounds ended).", ""]
+    else:
+        p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+        lines += [f"Latency at half load ({max(args.clients // 2, 1)} clients, {len(latencies)} requests): "
+                  f"p50 {p50:.0f} ms, p99 {p99:.0f} ms.", ""]
+    lines += [
         f"Largest relative difference of a served vector from in-process encode: {worst:.1e}.",
         "",
     ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.helpers import QUICK_ENV, RESULTS_DIR, markdown_table, matmul_flops_per_s, quick
+from benchmarks.helpers import QUICK_ENV, markdown_table, matmul_flops_per_s, quick, results_dir
 
 RESULTS: dict[str, list[dict]] = {"encode": [], "memory": []}
 PEAKS: list[float] = []
@@ -112,9 +112,9 @@ def _report_lines() -> list[str]:
 
 
 def _write_results() -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results_dir().mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = RESULTS_DIR / f"cpu_encode{'_quick' if quick() else ''}_{stamp}.md"
+    path = results_dir() / f"cpu_encode{'_quick' if quick() else ''}_{stamp}.md"
     path.write_text(f"# CPU encode benchmark{' (quick mode)' if quick() else ''}, {stamp}\n\n" + "\n".join(_report_lines()) + "\n")
     return path
 

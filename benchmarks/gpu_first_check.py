@@ -21,6 +21,7 @@ it would silently run the "GPU" kernels in Triton's CPU interpreter.
 
 Run on a CUDA machine:  python -m benchmarks.gpu_first_check
 Check it on a CPU:      python -m benchmarks.gpu_first_check --dry   (tiny shapes, the Triton interpreter)
+Quick mode (either):    --quick   (a 170 s budget unless --budget-s says otherwise: the throughput step gets less)
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ if "--dry" in sys.argv:  # before triton is imported: its CPU interpreter
 import torch  # noqa: E402
 
 from benchmarks.helpers import (  # noqa: E402
+    QUICK_ENV,
     RESULTS_DIR,
     ResultsLog,
     card_stem,
     caught,
     markdown_table,
     max_row_relative_error,
+    quick,
     time_calls,
 )
 
@@ -346,10 +349,13 @@ def start_watchdog(log: ResultsLog, hard_deadline: float) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="every step on the CPU, tiny shapes, Triton's interpreter")
-    parser.add_argument("--budget-s", type=float, default=480,
-                        help="wall seconds from process start for all steps (default 480: one 10-minute command, with room)")
+    parser.add_argument("--budget-s", type=float,
+                        help="wall seconds from process start for all steps (default 480: one 10-minute command, with room; "
+                        "quick: 170)")
+    parser.add_argument("--quick", action="store_true", default=quick(), help=f"a first check in under 3 minutes (same as {QUICK_ENV}=1)")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (dry: a temp dir)")
     args = parser.parse_args(argv)
+    args.budget_s = args.budget_s or (170 if args.quick else 480)
     if not args.dry and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: the Triton kernels would run in the CPU interpreter, not on the GPU; "
                      "unset it (or use --dry)")

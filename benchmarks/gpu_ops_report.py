@@ -5,7 +5,7 @@ op's achieved bandwidth and TFLOP/s as a fraction of those two ceilings. Every o
 benchmarks.helpers.time_calls (a warm-up on the same inputs, then >= 5 s of back-to-back launches
 between CUDA events),
 checked against the torch reference first, and caught and recorded as it ends:
-benchmarks/results/gpu_ops_<card>.jsonl (one record an op) and .md (regenerated each time).
+benchmarks/results/gpu_ops[_quick]_<card>.jsonl (one record an op) and .md (regenerated each time).
 Microsecond ops are bound by the launch rate: their numbers are an upper bound on kernel time.
 
 Run on a CUDA machine:  python -m benchmarks.gpu_ops_report [--quick]
@@ -16,7 +16,9 @@ import sys
 
 import torch
 
-from benchmarks.helpers import RESULTS_DIR, ResultsLog, card_stem, caught, markdown_table, matmul_flops_per_s, time_calls
+from benchmarks.helpers import (
+    ResultsLog, add_quick_arguments, card_stem, caught, markdown_table, matmul_flops_per_s, results_dir, time_calls,
+)
 from moee_fast import ops
 
 
@@ -107,7 +109,7 @@ def render(gpu, copy_gbs, gemm_tflops):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    add_quick_arguments(parser, "shapes cut 8x")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_ops_report needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False).")
@@ -119,7 +121,8 @@ def main():
     gpu = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs(2**30 // scale)
     gemm_tflops = matmul_flops_per_s("cuda", torch.bfloat16, 8192 // (2 if args.quick else 1)) / 1e12
-    log = ResultsLog(RESULTS_DIR, card_stem("gpu_ops", gpu), render(gpu, copy_gbs, gemm_tflops))
+    stem = card_stem("gpu_ops_quick" if args.quick else "gpu_ops", gpu)
+    log = ResultsLog(args.out_dir or results_dir(), stem, render(gpu, copy_gbs, gemm_tflops))
     runs = [
         ("gather DeepSeekMoE batch", measure_gather, (128, 512, 27, 64, torch.bfloat16)),
         ("gather OLMoE rows", measure_gather, (8192 // scale, 4, 16, 64, torch.float32)),

@@ -13,6 +13,7 @@ The targets these numbers are judged by are in benchmarks/results/TARGETS.md.
 
 Run on a CUDA machine:   python -m benchmarks.gpu_report [--models olmoe,qwen2_moe,deepseek]
 Check it on a CPU:       python -m benchmarks.gpu_report --smoke   (tiny shapes, fp32, a temp dir)
+Quick mode (either):     --quick   (OLMoE only, a quarter of the texts, one budget, 1 s per figure)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from benchmarks.corpus import synthetic_corpus
 from benchmarks.helpers import (
+    QUICK_ENV,
     RESULTS_DIR,
     ResultsLog,
     card_stem,
@@ -38,6 +40,7 @@ from benchmarks.helpers import (
     markdown_table,
     matmul_flops_per_s,
     max_row_relative_error,
+    quick,
     time_calls,
 )
 from benchmarks.models import build_causal_lm, embedding_flops, full_size_configs, smoke_configs
@@ -279,7 +282,7 @@ def _list(kind):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the same code on the CPU with tiny shapes, in fp32")
-    parser.add_argument("--models", type=_list(str), default=list(LABELS), help=f"comma-separated, of {','.join(LABELS)}")
+    parser.add_argument("--models", type=_list(str), help=f"comma-separated, of {','.join(LABELS)} (default all; quick olmoe)")
     parser.add_argument("--texts", type=int, help="corpus texts (default 2048; smoke 40)")
     parser.add_argument("--reference-texts", type=int, help="first texts the reference path times (default 512; smoke 16)")
     parser.add_argument("--experts", type=_list(str), default=["grouped_mm", "eager"],
@@ -291,10 +294,15 @@ def parse_args(argv=None):
     parser.add_argument("--matmul-size", type=int, help="side of the square matmul for MFU (default 8192; smoke 256)")
     parser.add_argument("--vllm-memory", type=float, default=0.5, help="vLLM's gpu_memory_utilization")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (smoke: a temp dir)")
+    parser.add_argument("--quick", action="store_true", default=quick(),
+                        help=f"a first check in under 3 minutes: OLMoE only, fewer texts, one budget (same as {QUICK_ENV}=1)")
     args = parser.parse_args(argv)
+    # (smoke, full) and, for the quick mode, (smoke, full) again
     defaults = dict(texts=(40, 2048), reference_texts=(16, 512), budgets=([256], [16384, 65536]),
-                    min_seconds=(0.0, 5.0), matmul_size=(256, 8192))
-    for name, (smoke, full) in defaults.items():
+                    min_seconds=(0.0, 5.0), matmul_size=(256, 8192), models=(list(LABELS), list(LABELS)))
+    quick_defaults = dict(texts=(16, 512), reference_texts=(8, 128), budgets=([256], [16384]),
+                          min_seconds=(0.0, 1.0), matmul_size=(256, 4096), models=(["olmoe"], ["olmoe"]))
+    for name, (smoke, full) in (quick_defaults if args.quick else defaults).items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
     unknown = [m for m in args.models if m not in LABELS]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -18,12 +19,34 @@ import torch
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-QUICK_ENV = "MOEE_FAST_BENCH_QUICK"  # or pytest's --quick: one family, a small corpus, one round
+QUICK_ENV = "MOEE_FAST_BENCH_QUICK"  # or --quick: one family, a small corpus, one round
+OUT_ENV = "MOEE_FAST_BENCH_OUT"  # or --out-dir: where results go instead of benchmarks/results/
 
 
 def quick() -> bool:
     """Whether the benchmarks run in their quick mode (minutes, for a first check, not for numbers to quote)."""
     return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get(OUT_ENV) or RESULTS_DIR)
+
+
+def results_stem(name: str, quick_mode: bool) -> str:
+    """cpu_ops_2026-12-06, or cpu_ops_quick_2026-12-06 for a quick run (never mistaken for a full one)."""
+    return f"{name}{'_quick' if quick_mode else ''}_{datetime.date.today().isoformat()}"
+
+
+def add_quick_arguments(parser, what: str) -> None:
+    """--quick (what it shrinks to; also QUICK_ENV=1) and --out-dir, the same in every script benchmark."""
+    parser.add_argument("--quick", action="store_true", default=quick(),
+                        help=f"quick mode, a first check in under 3 minutes: {what} (same as {QUICK_ENV}=1)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where the results go (default: ${OUT_ENV}, else benchmarks/results/)")
+
+
+def quick_note(quick_mode: bool) -> list[str]:
+    return ["Quick mode: a first check on small sizes, not numbers to quote.", ""] if quick_mode else []
 
 
 class Timing(NamedTuple):

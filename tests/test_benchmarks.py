@@ -307,3 +307,48 @@ def test_bench_quick_mode_runs_one_family_on_a_small_corpus(monkeypatch):
     assert selected_families() == ["deepseek"]  # named families still win
     monkeypatch.setenv("MOEE_FAST_BENCH_QUICK", "0")
     assert corpus_size("olmoe") == N_TEXTS["olmoe"]
+
+
+QUICK_SCRIPTS = ["bench_pooling", "bench_quant", "bench_corpus", "bench_serve", "bench_deepseek_load", "gpu_first_check",
+                 "gpu_report", "gpu_ops_report"]  # bench_vllm runs in vLLM's own environment
+
+
+def test_every_script_benchmark_takes_quick_and_an_output_folder():
+    script = (
+        "import contextlib, importlib, io, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    module = importlib.import_module('benchmarks.' + name)\n"
+        "    run = getattr(module, 'cli', None) or module.main\n"
+        "    sys.argv = [name, '--help']\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        run()\n"
+        "    print(name, '--quick' in out.getvalue(), '--out-dir' in out.getvalue())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script, *QUICK_SCRIPTS], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.split("\n")
+    for name in QUICK_SCRIPTS:
+        assert f"{name} True True" in lines, (name, lines)
+
+
+def test_quick_pooling_benchmark_writes_each_round_as_it_ends(tmp_path):
+    run_module("benchmarks.bench_pooling", "olmoe", "2", "--texts", "3", "--quick", "--out-dir", str(tmp_path))
+    rows = records(tmp_path, "cpu_pooling_quick")
+    assert [(r["round"], r["pooling"]) for r in rows] == [(0, "last"), (0, "mean"), (1, "last"), (1, "mean")]
+    assert all(r["thread_seconds"] > 0 for r in rows)
+    markdown = next(tmp_path.glob("cpu_pooling_quick_*.md")).read_text()
+    assert "Quick mode" in markdown and "mean/last" in markdown
+
+
+def test_quick_ops_benchmark_records_every_case(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), MOEE_FAST_BENCH_OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_ops.py", "--quick",
+                           "--benchmark-max-time=0.01", "-k", "one_layer or topk"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = records(tmp_path, "cpu_ops_quick")
+    assert {r["case"].split("[")[0] for r in rows} == {"test_gather_router_softmax_one_layer", "test_topk_combined_cosine"}
+    assert all(r["median_s"] > 0 and r["rounds"] >= 1 for r in rows)
+    assert "k=10 100x2000" in next(tmp_path.glob("cpu_ops_quick_*.md")).read_text()
