@@ -1,7 +1,7 @@
 """Corpus jobs against in-process `encode`, on the built-in demo model and short texts.
 
     python benchmarks/bench_corpus.py              # throughput side by side, then peak RSS at 20k and 200k texts
-    python benchmarks/bench_corpus.py --quick      # 2,000 texts, one round, peak RSS at 2k and 20k: a first check
+    python benchmarks/bench_corpus.py --quick      # 1,000 texts, one round, peak RSS at 1k and 5k: a first check
     python benchmarks/bench_corpus.py --texts 4000 --sizes 2000,20000 --shard-size 1000   # the same ratios, 10x smaller
 
 Throughput: the same texts through `MoEEncoder.encode` (all in memory, one call) and through
@@ -148,18 +148,19 @@ def main() -> None:
     from benchmarks.helpers import ResultsLog, add_quick_arguments, results_dir, results_stem
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_quick_arguments(parser, "2,000 texts, one round, peak RSS at 2,000 and 20,000 texts")
+    add_quick_arguments(parser, "1,000 texts, one round, shards of 1,000, peak RSS at 1,000 and 5,000 texts")
     parser.add_argument("--peak-child", type=int)
-    parser.add_argument("--shard-size", type=int, default=10_000)
+    parser.add_argument("--shard-size", type=int, help="rows per shard (default 10,000; quick 1,000)")
     parser.add_argument("--texts", type=int, default=20_000, help="texts in the throughput comparison")
     parser.add_argument("--rounds", type=int, help="alternated rounds of the throughput comparison (default 3; quick 1)")
     parser.add_argument("--sizes", default="20000,200000", help="corpus sizes for the peak RSS curve")
     args = parser.parse_args()
+    args.shard_size = args.shard_size or (1_000 if args.quick else 10_000)
     if args.peak_child:
         return peak_child(args.peak_child, args.shard_size)
-    sizes = [2_000, 20_000] if args.quick else [int(n) for n in args.sizes.split(",")]
+    sizes = [1_000, 5_000] if args.quick else [int(n) for n in args.sizes.split(",")]
     log = ResultsLog(args.out_dir or results_dir(), results_stem("cpu_corpus", args.quick), lambda rs: report(rs, args.quick))
-    result = throughput(2_000 if args.quick else args.texts, args.rounds or (1 if args.quick else 3), args.shard_size)
+    result = throughput(1_000 if args.quick else args.texts, args.rounds or (1 if args.quick else 3), args.shard_size)
     log.add({"kind": "throughput", **result})
     print(f"throughput ratio {result['ratio']:.3f}", file=sys.stderr)
     for n in sizes:

@@ -193,7 +193,7 @@ def main() -> None:
             "runs quantized (-fp-routers: routers and gating linears kept fp32); 4-bit weights decoded in fp32 by moee-fast's decoder. "
             "Timings are noisy where other work shares the machine; the agreement columns never are."
         )
-        return "\n".join(quick_note(args.quick)) + f"{header}\n\n{table(rows)}\n"
+        return "".join(line + "\n" for line in quick_note(args.quick)) + f"{header}\n\n{table(rows)}\n"
 
     log = ResultsLog(args.out_dir or results_dir(), results_stem("quant", args.quick), report)
     with tempfile.TemporaryDirectory() as scratch:
