@@ -81,6 +81,18 @@ def test_gather_router_softmax_all_layers(benchmark, model, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", MODELS, ids=[m[0] for m in MODELS])
+def test_mean_router_softmax_all_layers(benchmark, model, backend):
+    """rw_pooling="mean": every row of every layer is read (the gather reads B of them)."""
+    name, n_layers, n_experts = model
+    benchmark.group = f"mean_router_softmax {name} B={BATCH} T={TOKENS} L={n_layers} E={n_experts}"
+    logits, _ = _router_inputs(n_layers, n_experts)
+    cu_seqlens = torch.arange(BATCH + 1) * TOKENS
+    out = benchmark(ops.mean_router_softmax, logits, cu_seqlens, backend=backend)
+    assert out.shape == (BATCH, n_layers, n_experts) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_router_softmax_one_layer(benchmark, backend):
     """The encoder's pattern: one call per MoE layer as the forward runs."""
     benchmark.group = f"gather_router_softmax one layer B={BATCH} E=64"
