@@ -8,7 +8,7 @@ in-process `encode` call over the same texts (`--rounds` times); the server's te
 against in-process encode's, median against median. Latency: p50 and p99 per request with half
 as many clients. Every vector the server returns is checked against in-process encode. Results
 go to benchmarks/results/serve_<model>[_quick]_<date>.md, rewritten after each round. --quick:
-32 requests, 8 clients, one round (the hostile mix: 15 s).
+the model at 2 layers, 16 requests, 4 clients, one round (the hostile mix: 15 s).
 
     python benchmarks/bench_serve.py --hostile [--seconds 60]
 
@@ -188,18 +188,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="olmoe", help="a benchmark model (benchmarks/models.py): olmoe, mixtral, qwen2_moe, deepseek")
     parser.add_argument("--layers", type=int, help="override the model's depth (default: the scaled model's own)")
-    parser.add_argument("--requests", type=int, help="default 128; quick 32")
-    parser.add_argument("--clients", type=int, help="default 32; quick 8")
+    parser.add_argument("--requests", type=int, help="default 128; quick 16")
+    parser.add_argument("--clients", type=int, help="default 32; quick 4")
     parser.add_argument("--rounds", type=int, help="in-process and served runs, alternated (default 2; quick 1)")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads in both processes (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hostile", action="store_true", help="the hostile mix instead of throughput")
     parser.add_argument("--seconds", type=float, help="length of the hostile mix (default 60; quick 15)")
     parser.add_argument("--max-batch-tokens", type=int, help="the server's --max-batch-tokens (default: the server's default)")
-    add_quick_arguments(parser, "32 requests, 8 clients, one round; the hostile mix for 15 s")
+    add_quick_arguments(parser, "the model at 2 layers, 16 requests, 4 clients, one round; the hostile mix for 15 s")
     args = parser.parse_args()
-    args.requests = args.requests or (32 if args.quick else 128)
-    args.clients = args.clients or (8 if args.quick else 32)
+    args.layers = args.layers or (2 if args.quick else None)
+    args.requests = args.requests or (16 if args.quick else 128)
+    args.clients = args.clients or (4 if args.quick else 32)
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.seconds = args.seconds or (15.0 if args.quick else 60.0)
     if args.threads:
