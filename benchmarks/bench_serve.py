@@ -273,7 +273,7 @@ def heading(title: str, args, load_before, load_after) -> list[str]:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
         f"threads in each process; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
-        *([""] + quick_note(True)[:1] if args.quick else []),
+        *([""] + quick_note(True) if args.quick else []),
     ]
 
 
