@@ -6,7 +6,8 @@ Same checkpoint, texts and machine, in one run: texts/s, tokens/s, peak memory, 
 GFLOP/s as a fraction of the fp32 matmul peak measured beside each timing. Set
 MOEE_FAST_BENCH_FAMILIES=olmoe,mixtral for a subset of families, and MOEE_FAST_BENCH_TEXTS=path.txt
 (or .jsonl) to use real texts instead of the synthetic mix. `--quick` (or MOEE_FAST_BENCH_QUICK=1):
-OLMoE only unless families are named, 16 texts, one round, one memory shape: a few minutes.
+OLMoE only unless families are named, 16 texts, one round, one memory shape and no peak memory of
+the timed corpus: a few minutes.
 Results are written after each case (benchmarks/results/cpu_encode[_quick]_<date>.md).
 """
 
@@ -133,6 +134,7 @@ def _fraction_of_neighbour_peaks(flops: float, seconds: list[float], peaks: list
     return statistics.median(ratios)
 
 
+@pytest.mark.skipif(quick(), reason="quick mode: the memory curve's one shape compares memory; this one reruns every path")
 @pytest.mark.parametrize("model", selected_families())
 def test_encode_peak_memory(model, bench_dir, results):
     """Peak memory of each path on the timed corpus; after every timing (see memory.py)."""
