@@ -37,7 +37,8 @@ import httpx
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # run as a script: its helpers import `benchmarks.`
 from corpus import synthetic_corpus  # noqa: E402
 from helpers import add_quick_arguments, quick_note, results_dir, results_stem  # noqa: E402
 from models import build_checkpoint, scaled_configs  # noqa: E402
@@ -173,7 +174,8 @@ def run_hostile(args, path: str, encoder) -> str:
         "/compare with 2,048 inputs (over the cap), 4 sending /compare with 16; a probe sends one text at a time (50 ms apart).",
         "",
         f"Probe (one text, {len(latencies)} requests): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {most:.0f} ms. "
-        f"The same probe alone just before ({args.seconds / 4:.0f} s, {len(quiet)} requests): p50 {q50:.0f} ms, p99 {q99:.0f} ms.",
+        f"The same probe alone just before ({args.seconds / 4:.0f} s, {len(quiet)} requests): p50 {q50:.0f} ms, p99 {q99:.0f} ms. "
+        f"Under the mix, p99 is {p99 / q50:.0f}x and p50 {p50 / q50:.1f}x the probe's p50 alone.",
         "",
         "| client | answers by status |",
         "|---|---|",

@@ -97,6 +97,31 @@ def test_embed_returns_both_views(server, encoder):
     assert_rows_close(body["hs"], expected.hs)
     assert_rows_close(body["rw"], expected.rw)
     assert (body["layers"], body["experts"]) == tuple(expected.rw.shape[1:])
+    assert (body["rw_pooling"], body["hs_pooling"]) == ("last", "last")
+
+
+@pytest.mark.parametrize("rw_pooling, hs_pooling", [("mean", "last"), ("last", "mean"), ("mean", "mean")])
+def test_embed_pools_as_asked_while_other_poolings_share_the_queue(server, encoder, rw_pooling, hs_pooling):
+    texts = random_texts(6, seed=17)
+    mine = {"input": texts, "prompt": "prompteol", "rw_pooling": rw_pooling, "hs_pooling": hs_pooling}
+    others = [{"input": texts[::-1]}, {"input": texts[:2], "rw_pooling": "mean"}, {"input": texts[3:], "hs_pooling": "mean"}]
+
+    async def send_together():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/moee/embed", json=body) for body in [mine, *others]))
+
+    responses = asyncio.run(send_together())
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    body = responses[0].json()
+    assert (body["rw_pooling"], body["hs_pooling"]) == (rw_pooling, hs_pooling)
+    expected = encoder.encode(texts, prompt="prompteol", rw_pooling=rw_pooling, hs_pooling=hs_pooling)
+    assert_rows_close(body["hs"], expected.hs)
+    assert_rows_close(body["rw"], expected.rw)
+    for sent, response in zip(others, responses[1:]):
+        pooling = {key: sent[key] for key in ("rw_pooling", "hs_pooling") if key in sent}
+        expected = encoder.encode(sent["input"], **pooling)
+        assert_rows_close(response.json()["hs"], expected.hs)
+        assert_rows_close(response.json()["rw"], expected.rw)
 
 
 def reference_sum_scores(a, b, alpha):
@@ -235,6 +260,9 @@ def test_bad_requests_on_moee_routes_name_the_item(server):
     assert_error(post(server, "/compare", {"input": "not a list"}), 400, "input")
     assert_error(post(server, "/embed", {"inputs": "x", "prompt_name": "nope"}), 400, "prompt_name", "preset")
     assert_error(post(server, "/embed", {"inputs": "x", "truncation_direction": "Left"}), 400, "truncation_direction", "unknown field")
+    assert_error(post(server, "/moee/embed", {"input": "x", "rw_pooling": "max"}), 400, "rw_pooling", "'last' or 'mean'")
+    assert_error(post(server, "/moee/embed", {"input": "x", "hs_pooling": None}), 400, "hs_pooling")
+    assert_error(post(server, "/v1/embeddings", {"input": "x", "rw_pooling": "mean"}), 400, "rw_pooling", "unknown field")
 
 
 def test_unknown_route_and_full_dimensions(server, encoder):

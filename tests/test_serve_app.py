@@ -31,14 +31,15 @@ def token_ids(encoder, texts, prompt=None):
     return encoder.tokenizer(strings)["input_ids"]
 
 
-def run_jobs(encoder, jobs_ids, max_batch_tokens=4096, max_wait_ms=50.0):
-    """Queue jobs of token ids together, run the worker, and return each job's outcome."""
-    from moee_fast.serve.batcher import Batcher, Job, JobQueue
+def run_jobs(encoder, jobs_ids, max_batch_tokens=4096, max_wait_ms=50.0, poolings=None):
+    """Queue jobs of token ids together (pooled as `poolings`, default the last token), run the
+    workers, and return each job's outcome."""
+    from moee_fast.serve.batcher import LAST, Batcher, Job, JobQueue
 
     async def main():
         loop = asyncio.get_running_loop()
         queue = JobQueue(max_jobs=len(jobs_ids), max_tokens=max_batch_tokens)
-        jobs = [Job(ids, loop.create_future(), loop) for ids in jobs_ids]
+        jobs = [Job(ids, loop.create_future(), loop, pooling) for ids, pooling in zip(jobs_ids, poolings or [LAST] * len(jobs_ids))]
         for job in jobs:
             queue.put(job)
         batcher = Batcher(encoder, queue, max_wait_ms)
@@ -60,6 +61,23 @@ def test_batcher_gives_each_job_its_rows_whatever_its_neighbours(encoder, max_ba
         expected = encoder.encode(job_texts, prompt=prompt)
         assert relative_error(out.hs, expected.hs).max() <= 1e-5
         assert relative_error(out.rw, expected.rw).max() <= 1e-5
+
+
+def test_batcher_pools_each_job_as_asked_in_both_lanes(encoder):
+    # A budget of 64 tokens: jobs of at most 16 are small (the express lane), the others are split.
+    texts = random_texts(14, seed=9, max_words=24)
+    spec = [(texts[:1], ("mean", "last")), (texts[1:6], ("last", "mean")), (texts[6:7], ("last", "last")),
+            (texts[7:12], ("mean", "mean")), (texts[12:], ("mean", "last"))]
+    jobs_ids = [token_ids(encoder, t) for t, _ in spec]
+    sizes = [sum(map(len, ids)) for ids in jobs_ids]
+    assert min(sizes) <= 16 < max(sizes), sizes  # both lanes have work
+    outcomes, depth = run_jobs(encoder, jobs_ids, max_batch_tokens=64, max_wait_ms=20.0, poolings=[p for _, p in spec])
+    assert depth == 0
+    for (job_texts, (rw_pooling, hs_pooling)), out in zip(spec, outcomes):
+        expected = encoder.encode(job_texts, rw_pooling=rw_pooling, hs_pooling=hs_pooling)
+        assert relative_error(out.hs, expected.hs).max() <= 1e-5
+        assert relative_error(out.rw, expected.rw).max() <= 1e-5
+        assert out.metadata == {k: v for k, v in expected.metadata.items() if k.endswith("_pooling")}
 
 
 def test_a_failing_job_costs_its_batch_neighbours_nothing(encoder):
@@ -97,6 +115,33 @@ def test_queue_interleaves_jobs_within_the_token_budget():
         queue.answered(3)
         queue.close()
         assert queue.take_batch(max_wait_s=0) is None
+    finally:
+        loop.close()
+
+
+def test_small_jobs_take_the_express_lane_and_a_batch_has_one_pooling():
+    from moee_fast.serve.batcher import EXPRESS, MAIN, Job, JobQueue
+
+    loop = asyncio.new_event_loop()
+    try:
+        queue = JobQueue(max_jobs=10, max_tokens=10, express_tokens=4)
+        big = Job([[1] * 4] * 6, loop.create_future(), loop)  # 24 tokens: large, pieces of 8
+        short = Job([[2] * 3], loop.create_future(), loop)
+        mean = Job([[3] * 2], loop.create_future(), loop, ("mean", "last"))
+        tiny = Job([[4]], loop.create_future(), loop)
+        for job in (big, short, mean, tiny):
+            queue.put(job)
+        jobs = lambda batch: [piece.job for piece in batch]  # noqa: E731
+        assert jobs(queue.take_batch(0, EXPRESS)) == [short, tiny]  # the mean-pooled job waits for a batch of its own
+        assert jobs(queue.take_batch(0, MAIN)) == [big]  # the main lane serves large jobs first
+        assert jobs(queue.take_batch(0, EXPRESS)) == [mean]
+        assert jobs(queue.take_batch(0, MAIN)) == [big]
+        assert jobs(queue.take_batch(0, MAIN)) == [big]
+        alone = Job([[5] * 2], loop.create_future(), loop)
+        queue.put(alone)
+        assert jobs(queue.take_batch(0, MAIN)) == [alone]  # no large job waits: the main lane helps
+        queue.close()
+        assert queue.take_batch(0, MAIN) is None and queue.take_batch(0, EXPRESS) is None
     finally:
         loop.close()
 

@@ -221,12 +221,15 @@ def _add_moee_routes(app: FastAPI, service: EmbeddingService, guarded: list) -> 
     @app.post("/moee/embed", dependencies=guarded, tags=["MoEE"], summary="the raw views: hs [N, H] and rw [N, L, E]")
     async def raw_embed(body: RawEmbedRequest):
         items = service.inputs_of(body.input, "input")
-        emb, tokens = await service.embed(items, service.prompt_of(body.prompt), body.truncate, indexed("input", len(items)))
+        pooling = (body.rw_pooling, body.hs_pooling)
+        emb, tokens = await service.embed(items, service.prompt_of(body.prompt), body.truncate, indexed("input", len(items)),
+                                          pooling=pooling)
 
         def render():
             views = {"hs": encode_rows(emb.hs, body.encoding_format), "rw": encode_rows(emb.rw, body.encoding_format)}
             shape = {"layers": emb.rw.shape[1], "experts": emb.rw.shape[2], "hidden_size": emb.hs.shape[1]}
-            return json_response({**views, **shape, "model": config.served_model_name, "usage": usage(tokens)})
+            how = {"rw_pooling": pooling[0], "hs_pooling": pooling[1]}
+            return json_response({**views, **shape, **how, "model": config.served_model_name, "usage": usage(tokens)})
 
         return await run_in_threadpool(render)
 

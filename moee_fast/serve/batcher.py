@@ -1,12 +1,15 @@
-"""Between the HTTP layer and the encoder: a bounded queue of jobs, and one worker thread that
-fills token-budget batches and runs the model.
+"""Between the HTTP layer and the encoder: a bounded queue of jobs, and two worker threads that
+fill token-budget batches and run the model.
 
-A job is one request's token ids, already prompted, truncated and checked. It is queued as
-pieces of at most the batch budget, and each batch takes pieces from the waiting jobs in turn
-(round robin), so a one-text request rides in the next batch even behind a 2,048-text one. The
-event loop never runs the model: it awaits the job's future, which the worker resolves once
-every piece has run. An embedding does not depend on its batch neighbours, so batching changes
-no vector.
+A job is one request's token ids, already prompted, truncated and checked, and how they are
+pooled. It is queued as pieces of at most the batch budget. A job of at most `express_tokens`
+tokens is small: the express worker runs small jobs only, in batches of at most that many
+tokens, beside the main worker, which runs the large jobs' pieces (and small jobs while no large
+one waits). So a one-text request never waits for a large batch, nor for a single row of the
+model's whole context, which no batch budget can split. Within a lane each batch takes pieces
+from the waiting jobs in turn (round robin), all of one pooling. The event loop never runs the
+model: it awaits the job's future, which a worker resolves once every piece has run. An
+embedding does not depend on its batch neighbours, so batching changes no vector.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ import torch
 
 from ..checks import check_finite_rows
 from ..embeddings import MoEEmbeddings
+from ..encoder import Pooling
 
 log = logging.getLogger("moee_fast.serve")
+
+MAIN, EXPRESS = "main", "express"  # the workers' lanes
+LAST = ("last", "last")  # (rw_pooling, hs_pooling): the paper's MoEE
 
 
 class QueueFull(Exception):
@@ -32,12 +39,13 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request's token-id sequences; `future` receives their MoEEmbeddings (rows in order)
-    or the exception that stopped them."""
+    """One request's token-id sequences, pooled as `pooling` (rw_pooling, hs_pooling); `future`
+    receives their MoEEmbeddings (rows in order) or the exception that stopped them."""
 
     ids: list[list[int]]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    pooling: tuple[str, str] = LAST
     queued_at: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
@@ -84,10 +92,12 @@ def split(job: Job, max_tokens: int) -> list[Piece]:
 
 
 class JobQueue:
-    """Waiting jobs' pieces, bounded by `max_jobs` accepted and not yet answered."""
+    """Waiting jobs' pieces, bounded by `max_jobs` accepted and not yet answered; jobs of at most
+    `express_tokens` tokens (default: a quarter of the batch budget) are small."""
 
-    def __init__(self, max_jobs: int, max_tokens: int):
+    def __init__(self, max_jobs: int, max_tokens: int, express_tokens: int | None = None):
         self.max_jobs, self.max_tokens = max_jobs, max_tokens
+        self.express_tokens = express_tokens or max(1, max_tokens // 4)
         self._waiting: collections.deque[collections.deque[Piece]] = collections.deque()  # one per job
         self._unanswered = 0
         self._closed = False
@@ -108,31 +118,33 @@ class JobQueue:
                 raise QueueFull(f"{self._unanswered} requests are queued, the limit (--max-queue)")
             self._waiting.append(collections.deque(pieces))
             self._unanswered += 1
-            self._cond.notify()
+            self._cond.notify_all()
 
     def answered(self, count: int = 1) -> None:
         with self._cond:
             self._unanswered -= count
 
     def close(self) -> None:
-        """Accept no more jobs; the worker drains those already accepted, then stops."""
+        """Accept no more jobs; the workers drain those already accepted, then stop."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
 
-    def take_batch(self, max_wait_s: float) -> list[Piece] | None:
-        """Pieces within the token budget, one per job in turn (at least one piece), waiting up
-        to `max_wait_s` after the first for more jobs to arrive; None once closed and drained."""
+    def take_batch(self, max_wait_s: float, lane: str = MAIN) -> list[Piece] | None:
+        """Pieces of one pooling within the lane's token budget, one per job in turn (at least
+        one piece), waiting up to `max_wait_s` after the first for more jobs to arrive; None once
+        closed and drained of the lane's jobs."""
+        budget = self.max_tokens if lane == MAIN else self.express_tokens
         with self._cond:
-            while not self._waiting:
+            while not self._eligible(lane):
                 if self._closed:
                     return None
                 self._cond.wait()
             batch: list[Piece] = []
             tokens, deadline = 0, time.monotonic() + max_wait_s
             while True:
-                tokens, added = self._one_round(batch, tokens)
-                if tokens >= self.max_tokens or (self._waiting and not added):
+                tokens, added, left_out = self._one_round(batch, tokens, lane, budget)
+                if tokens >= budget or (left_out and not added):
                     return batch
                 if added:
                     continue
@@ -141,31 +153,50 @@ class JobQueue:
                     return batch
                 self._cond.wait(remaining)
 
-    def _one_round(self, batch: list[Piece], tokens: int) -> tuple[int, bool]:
-        """Each waiting job's next piece that fits, in turn; the jobs served go behind the
-        others, so a job skipped for lack of room is first in line for the next batch."""
-        skipped, served, taken = [], [], len(batch)
+    def _small(self, pieces: collections.deque[Piece]) -> bool:
+        return pieces[0].job.tokens <= self.express_tokens
+
+    def _eligible(self, lane: str) -> list[collections.deque[Piece]]:
+        """The waiting jobs the lane may take: the express lane small jobs; the main lane large
+        ones, or small ones while no large job waits."""
+        small = [pieces for pieces in self._waiting if self._small(pieces)]
+        if lane == EXPRESS:
+            return small
+        return [pieces for pieces in self._waiting if not self._small(pieces)] or small
+
+    def _one_round(self, batch: list[Piece], tokens: int, lane: str, budget: int) -> tuple[int, bool, bool]:
+        """Each eligible job's next piece that fits and shares the batch's pooling, in turn; the
+        jobs served go behind the others, so a job skipped is first in line for the next batch.
+        (tokens, whether a piece was added, whether an eligible job was left out)."""
+        eligible = {id(pieces) for pieces in self._eligible(lane)}
+        skipped, served, taken, left_out = [], [], len(batch), False
         for pieces in self._waiting:
-            if batch and tokens + pieces[0].tokens > self.max_tokens:
+            if id(pieces) not in eligible:
                 skipped.append(pieces)
+                continue
+            if batch and (tokens + pieces[0].tokens > budget or pieces[0].job.pooling != batch[0].job.pooling):
+                skipped.append(pieces)
+                left_out = True
                 continue
             batch.append(pieces.popleft())
             tokens += batch[-1].tokens
             if pieces:
                 served.append(pieces)
         self._waiting = collections.deque(skipped + served)
-        return tokens, len(batch) > taken
+        return tokens, len(batch) > taken, left_out
 
 
-def encode_ids(encoder, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """HS [N, H] and RW [N, L, E] of token-id sequences, computed as `encoder.encode` computes
-    them once it has tokenized (same batch plans, same forward, same checks)."""
+def encode_ids(encoder, ids: list[list[int]], pooling: tuple[str, str] = LAST) -> tuple[torch.Tensor, torch.Tensor]:
+    """HS [N, H] and RW [N, L, E] of token-id sequences pooled as (rw_pooling, hs_pooling),
+    computed as `encoder.encode` computes them once it has tokenized (same batch plans, same
+    forward, same checks)."""
     for i, seq in enumerate(ids):
         if not seq:
             raise ValueError(f"ids[{i}] is empty: it has no last token to read")
     hs = torch.empty(len(ids), encoder.hidden_size, dtype=torch.float32)
     rw = torch.empty(len(ids), encoder.num_moe_layers, encoder.num_experts, dtype=torch.float32)
-    for batch, (batch_hs, batch_rw) in encoder._run_batches(ids, None, encoder.adapter.scoring):
+    how = encoder_pooling(encoder, pooling)
+    for batch, (batch_hs, batch_rw) in encoder._run_batches(ids, None, encoder.adapter.scoring, how):
         batch_hs, batch_rw = batch_hs.cpu(), batch_rw.cpu()
         check_finite_rows(batch_hs, batch_rw, batch.indices)
         index = torch.tensor(batch.indices)
@@ -173,26 +204,37 @@ def encode_ids(encoder, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tenso
     return hs, rw
 
 
+def encoder_pooling(encoder, pooling: tuple[str, str]) -> Pooling:
+    """The encoder's Pooling of (rw_pooling, hs_pooling): every MoE layer, HS after the final norm."""
+    return Pooling(*pooling, hs_layer=encoder.num_layers - 1)
+
+
 class Batcher:
-    """The worker thread: takes batches from `queue`, encodes them, resolves their jobs."""
+    """The two worker threads (main and express lanes): each takes its lane's batches from
+    `queue`, encodes them and resolves their jobs. Concurrent forwards share nothing: each keeps
+    its per-forward state in its own thread's context."""
 
     def __init__(self, encoder, queue: JobQueue, max_wait_ms: float, metrics=None):
         self.encoder = encoder
         self.queue = queue
         self.max_wait_s = max_wait_ms / 1000.0
         self.metrics = metrics
-        self._thread = threading.Thread(target=self._loop, name="moee-batcher", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(lane,), name=f"moee-batcher-{lane}", daemon=True)
+                         for lane in (MAIN, EXPRESS)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish every accepted job, then end the worker thread."""
+        """Finish every accepted job, then end the worker threads."""
         self.queue.close()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _loop(self) -> None:
-        while (batch := self.queue.take_batch(self.max_wait_s)) is not None:
+    def _loop(self, lane: str) -> None:
+        while (batch := self.queue.take_batch(self.max_wait_s, lane)) is not None:
             self._run([piece for piece in batch if not piece.job.failed])
 
     def _run(self, pieces: list[Piece]) -> None:
@@ -226,7 +268,8 @@ class Batcher:
 
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         if error is None:
-            job.resolve(MoEEmbeddings(job.hs, job.rw, {}))
+            how = encoder_pooling(self.encoder, job.pooling)
+            job.resolve(MoEEmbeddings(job.hs, job.rw, how.metadata(self.encoder.num_moe_layers, self.encoder.num_layers)))
         else:
             job.failed = True
             job.resolve(error=error)
@@ -236,7 +279,7 @@ class Batcher:
     def _encode(self, pieces: list[Piece]):
         begin = time.perf_counter()
         ids = [seq for piece in pieces for seq in piece.job.ids[piece.start : piece.stop]]
-        out = encode_ids(self.encoder, ids)
+        out = encode_ids(self.encoder, ids, pieces[0].job.pooling)
         if self.metrics is not None:
             waited = [begin - piece.job.queued_at for piece in pieces]
             self.metrics.observe_batch(len(ids), sum(piece.tokens for piece in pieces), time.perf_counter() - begin, waited)

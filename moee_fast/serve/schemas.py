@@ -28,6 +28,8 @@ ERROR_TYPES = {
 _PROMPT = "a preset name, a template containing {text}, or 'verbatim' (default: the server's --prompt); token-id inputs skip it"
 _ALPHA = "weight of cos_RW in MoEE(sum) (default: the server's --alpha)"
 _TRUNCATE = "keep the head of inputs longer than the model's context instead of refusing them (400)"
+_POOLING = ("{view} at the last token (the paper's MoEE) or its mean over every token the model sees for the input, "
+            "prompt and special tokens included")
 _INPUT = "a text, a list of texts, token ids ([int]) or a list of token-id lists ([[int]]), embedded as given"
 
 
@@ -91,10 +93,12 @@ class TEIEmbedRequest(BaseModel):
 
 
 class RawEmbedRequest(_Body):
-    """The raw views: `hs` [N, H] and `rw` [N, L, E]."""
+    """The raw views: `hs` [N, H] and `rw` [N, L, E], each pooled over the last token or all tokens."""
 
     input: Any = Field(..., description=_INPUT)
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: each row as little-endian float32")
+    rw_pooling: Literal["last", "mean"] = Field("last", description=_POOLING.format(view="RW (each MoE layer's router distribution)"))
+    hs_pooling: Literal["last", "mean"] = Field("last", description=_POOLING.format(view="HS (the final norm's output)"))
 
 
 class SimilarityRequest(_Body):

@@ -19,7 +19,7 @@ from .. import __version__
 from ..demo import is_demo_checkpoint
 from ..checks import _SURROGATE, check_alpha, check_positive_int, check_variant
 from ..prompts import build_prompt, tokenize
-from .batcher import Batcher, Job, JobQueue, QueueFull
+from .batcher import LAST, Batcher, Job, JobQueue, QueueFull
 from .metrics import Metrics
 from .schemas import APIError
 
@@ -247,14 +247,15 @@ class EmbeddingService:
         return truncate_prompt_tokens
 
     # ------------------------------------------------------------------ the queue
-    async def embed(self, items: list, prompt: str | None, truncate: bool, names: list[str], keep_last: int | None = None):
-        """(MoEEmbeddings of `items` in order, their token count), through the batcher; `names`
-        name each item in error messages."""
+    async def embed(self, items: list, prompt: str | None, truncate: bool, names: list[str], keep_last: int | None = None,
+                    pooling: tuple[str, str] = LAST):
+        """(MoEEmbeddings of `items` in order, pooled as (rw_pooling, hs_pooling), their token
+        count), through the batcher; `names` name each item in error messages."""
         if not self.ready:
             raise APIError(503, "the model is not loaded yet")
         ids = await run_in_threadpool(self.token_ids, items, prompt, truncate, names, keep_last)
         loop = asyncio.get_running_loop()
-        job = Job(ids, loop.create_future(), loop)
+        job = Job(ids, loop.create_future(), loop, pooling)
         try:
             self.queue.put(job)
         except QueueFull as exc:
