@@ -159,7 +159,10 @@ class JobQueue:
 
 def encode_ids(encoder, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """HS [N, H] and RW [N, L, E] of token-id sequences, computed as `encoder.encode` computes
-    them once it has tokenized (same batch plans, same forward, same checks)."""
+    them once it has tokenized (same batch plans, same forward, same checks). An engine that
+    batches by itself (moee_fast.vllm.VLLMEncoder) has an `encode_ids` of its own."""
+    if hasattr(encoder, "encode_ids"):
+        return encoder.encode_ids(ids)
     for i, seq in enumerate(ids):
         if not seq:
             raise ValueError(f"ids[{i}] is empty: it has no last token to read")
