@@ -57,6 +57,16 @@ def cpu_seconds() -> float:
     return total
 
 
+def uptime() -> str:
+    """What `uptime` says (the machine's load, which other work on a shared machine adds to)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"uptime failed: {exc}"
+
+
 def vllm_hs_only(path: str, tokenizer):
     """texts -> HS [N, H] through vLLM's own pooling runner, tokenized as the other two engines do."""
     from vllm import LLM
@@ -71,7 +81,7 @@ def vllm_hs_only(path: str, tokenizer):
     return embed
 
 
-def render(args, names, wall, cpu, errors, n_texts, tokens, load_before, load_after) -> str:
+def render(args, names, wall, cpu, errors, n_texts, tokens, load_before, load_after, uptimes) -> str:
     import vllm
 
     base = statistics.median(wall[names[0]])
@@ -95,6 +105,8 @@ def render(args, names, wall, cpu, errors, n_texts, tokens, load_before, load_af
         f"Load average before the run {load_before[0]:.1f} / after {load_after[0]:.1f} on {os.cpu_count()} cores: "
         + ("the machine was shared with other work, so wall times are noisy; the CPU-second ratio is the steadier one."
            if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1) else "a quiet machine."),
+        "",
+        f"`uptime` before: `{uptimes[0]}`; after: `{uptimes[1]}`.",
         "",
         *markdown_table(["engine", "texts/s", "tokens/s", "x vLLM alone (wall)", "CPU s / round", "x vLLM alone (CPU s)"], rows),
         "",
@@ -126,7 +138,7 @@ def main() -> int:
     tokenizer = loading.checkpoint.load_tokenizer(path)
     texts = synthetic_corpus(tokenizer, args.texts, seed=0)
     tokens = sum(map(len, tokenizer(texts)["input_ids"]))
-    load_before = os.getloadavg()
+    load_before, uptime_before = os.getloadavg(), uptime()
 
     ours = MoEEncoder.from_pretrained(path)
     plugin = VLLMEncoder.from_pretrained(path, **ENGINE)
@@ -154,7 +166,7 @@ def main() -> int:
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(cpu_seconds() - c0)
         print(f"round {round_index + 1}: " + ", ".join(f"{n.split(' (')[0]} {len(texts) / wall[n][-1]:.1f} texts/s" for n in order), flush=True)
-        report = render(args, names, wall, cpu, errors, len(texts), tokens, load_before, os.getloadavg())
+        report = render(args, names, wall, cpu, errors, len(texts), tokens, load_before, os.getloadavg(), (uptime_before, uptime()))
         out.write_text(report)  # after each round: a stopped run keeps the rounds that ended
     print(report)
     print(f"written to {out}")

@@ -94,6 +94,15 @@ class MoEEncoder:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (the input embedding's rows)."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
     def num_moe_layers(self) -> int:
         return len(self.routers)
 

@@ -260,3 +260,8 @@ def test_demo_is_a_public_name(demo_cache, tmp_path, monkeypatch):
     got, want = enc.encode(texts), direct.encode(texts)
     assert torch.equal(got.hs, want.hs) and torch.equal(got.rw, want.rw)
     assert os.environ["MOEE_FAST_CACHE"] in demo_checkpoint()
+
+
+def test_serve_with_the_vllm_engine_refuses_a_device_before_loading(tmp_path, no_model_load):
+    with pytest.raises(SystemExit, match="--engine vllm places the model itself; leave out --device"):
+        main(["serve", "--engine", "vllm", "--device", "cpu", "--model", str(tmp_path)])

@@ -189,7 +189,12 @@ class JobQueue:
 def encode_ids(encoder, ids: list[list[int]], pooling: tuple[str, str] = LAST) -> tuple[torch.Tensor, torch.Tensor]:
     """HS [N, H] and RW [N, L, E] of token-id sequences pooled as (rw_pooling, hs_pooling),
     computed as `encoder.encode` computes them once it has tokenized (same batch plans, same
-    forward, same checks)."""
+    forward, same checks). An engine that batches by itself (moee_fast.vllm.VLLMEncoder) has an
+    `encode_ids` of its own, which pools the last token only."""
+    if hasattr(encoder, "encode_ids"):
+        if pooling != LAST:
+            raise ValueError(f"rw_pooling, hs_pooling {pooling}: this engine pools the last token only")
+        return encoder.encode_ids(ids)
     for i, seq in enumerate(ids):
         if not seq:
             raise ValueError(f"ids[{i}] is empty: it has no last token to read")

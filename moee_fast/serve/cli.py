@@ -39,6 +39,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--served-model-name", help="the `model` in responses (default: the checkpoint directory's name or the Hub id)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     serve.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    serve.add_argument("--engine", choices=("local", "vllm"), default="local",
+                       help="what runs the model: moee-fast's encoder, or vLLM with the MoEE plugin (pip install moee-fast[vllm]; "
+                            "it places the model itself: no --device) (default: %(default)s)")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
@@ -77,7 +80,6 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"moee: {exc}")
     import uvicorn
 
-    from .. import MoEEncoder
     from ..demo import DEMO_NAME, demo_checkpoint
     from .app import ServeConfig, create_app
     from .timeouts import header_timeout_protocol
@@ -98,7 +100,7 @@ def cmd_serve(args) -> int:
         log.warning("!" * 78)
         log.warning("SERVING OPEN ON %s: anyone who can reach this port may use the model. Set %s.", args.host, API_KEY_ENV)
         log.warning("!" * 78)
-    encoder = MoEEncoder.from_pretrained(args.model or demo_checkpoint(), device=args.device, dtype=args.dtype)
+    encoder = _load_encoder(args, args.model or demo_checkpoint())
     app = create_app(encoder, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
     log.warning("moee serve: model %s, variant %s, prompt %s, auth %s, on http://%s:%d/", config.served_model_name, config.variant,
@@ -118,6 +120,19 @@ def cmd_serve(args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if server.started else 1)
+
+
+def _load_encoder(args, model: str):
+    """The engine behind the routes (either gives the same HS and RW)."""
+    if args.engine == "vllm":
+        if args.device:
+            raise SystemExit("moee serve: --engine vllm places the model itself; leave out --device")
+        from ..vllm import VLLMEncoder
+
+        return VLLMEncoder.from_pretrained(model, **({"dtype": args.dtype} if args.dtype else {}))
+    from .. import MoEEncoder
+
+    return MoEEncoder.from_pretrained(model, device=args.device, dtype=args.dtype)
 
 
 def _graceful_server(uvicorn_config, app):

@@ -69,7 +69,7 @@ class EmbeddingService:
     def __init__(self, encoder, config: ServeConfig):
         self.encoder, self.config = encoder, config
         self.context = encoder.context_length
-        self.vocab_size = encoder.model.get_input_embeddings().num_embeddings
+        self.vocab_size = encoder.vocab_size
         self.token_chars = longest_token_chars(encoder.tokenizer)
         # Copies of their own: the worker never tokenizes, and requests share no lock but the pool's.
         self._tokenizers: queue.SimpleQueue = queue.SimpleQueue()
@@ -97,7 +97,7 @@ class EmbeddingService:
             # What text-embeddings-inference clients read
             "model_id": config.served_model_name,
             "model_sha": None,
-            "model_dtype": str(enc.model.dtype).removeprefix("torch."),
+            "model_dtype": str(enc.dtype).removeprefix("torch."),
             "model_type": {"embedding": {"pooling": "last_token"}},
             "max_concurrent_requests": config.max_queue,
             "max_input_length": self.context,

@@ -20,6 +20,10 @@ def register() -> None:
     """The vLLM plugin entry point: register the MoEE architectures (imported lazily by vLLM)."""
     from vllm import ModelRegistry
 
+    # DeepSeekMoE v1's config has no transformers class (its checkpoints ship code, never run):
+    # importing moee-fast's native models registers its own with AutoConfig, which vLLM then reads.
+    from ..loading import models  # noqa: F401
+
     for model_type in FAMILIES:
         name = architecture(model_type)
         if name not in ModelRegistry.get_supported_archs():

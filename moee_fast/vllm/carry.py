@@ -1,19 +1,23 @@
-"""Router rows carried through a vLLM model's own outputs.
+"""Router rows carried through a vLLM model's own forward.
 
 vLLM compiles each model's forward (torch.compile, CUDA graphs on GPU); a value handed to the
-pooler through a hook or a module attribute would not survive that. So the router rows travel as
-extra channels of the hidden states, and the pooler splits them off again:
+pooler through a hook or a module attribute would not survive that. So the router rows travel
+with the residual stream, which the decoder stack only hands from one layer to the next and
+finally to its norm, and the norm returns them as extra channels of the hidden states the pooler
+gathers:
 
-    layer input  [T, H | rows of the MoE layers before it]
-      -> the decoder layer runs on the first H channels only
-      -> its MoE block returns [T, H | its router scores]   (the family's scoring function, fp32)
-    layer output [T, H | rows of the MoE layers up to this one]
-    final norm   on the first H channels; the model returns [T, H | L*E]
+    layer input   hidden [T, H], (residual [T, H], [rows of the MoE layers before it])
+      -> the decoder layer runs on hidden and residual as vLLM wrote it
+      -> its MoE block returns (out [T, H], its router scores [T, E])   (scoring function, fp32)
+    layer output  out [T, H], (residual [T, H], [rows up to this layer])
+    final norm    on hidden and residual; the model returns [T, H | L*E]
 
-Every module keeps its class's code and its parameter names: each one's class is swapped for a
-subclass that only splits and joins channels around the original forward. The router scores are
-the block's own gate applied to the block's own input, which every tensor- or expert-parallel rank
-holds in full, so each rank carries the rows of all tokens.
+The rows are never copied from layer to layer (a list grows), and the hidden states keep their
+shape until the final norm joins them once. Every module keeps its class's code and its
+parameter names: each one's class is swapped for a subclass that only unpacks and packs around
+the original forward. The router scores are the block's own gate applied to the block's own
+input, which every tensor- or expert-parallel rank holds in full, so each rank carries the rows
+of all tokens.
 """
 
 from __future__ import annotations
@@ -61,56 +65,52 @@ def as_channels(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([high, low], dim=-1)
 
 
-def _split(hidden: torch.Tensor, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    hs, carried = hidden.split([hidden_size, hidden.shape[-1] - hidden_size], dim=-1)
-    return hs.contiguous(), carried
-
-
 def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     logits = logits.float()
     return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
 class RoutedBlock:
-    """A MoE block that also returns its router scores as extra channels."""
+    """A MoE block that also returns its router scores: (out, scores [T, E] fp32)."""
 
     moee_scoring: str
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         # Before the block runs: a fused-experts kernel may write its output over its input.
         logits = self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))
         logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
-        out = super().forward(hidden_states, *args, **kwargs)
-        return torch.cat([out, as_channels(_scores(logits, self.moee_scoring), out.dtype)], dim=-1)
+        return super().forward(hidden_states, *args, **kwargs), _scores(logits, self.moee_scoring)
 
 
 class CarryingLayer:
-    """A decoder layer that runs on the first H channels and passes the carried rows on, with
-    its own MoE block's rows appended."""
+    """A decoder layer whose residual comes and goes as (residual, rows so far), with its own MoE
+    block's rows appended."""
 
-    moee_hidden_size: int
     moee_routed: bool
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
-        hidden, carried = _split(hidden_states, self.moee_hidden_size)
-        out, residual = super().forward(positions, hidden, residual, *args, **kwargs)
-        if not self.moee_routed:
-            return torch.cat([out, carried], dim=-1), residual
-        out, rows = out.split([self.moee_hidden_size, out.shape[-1] - self.moee_hidden_size], dim=-1)
-        return torch.cat([out, carried, rows], dim=-1), residual  # one copy of the carried rows per layer
+        residual, rows = (None, []) if residual is None else residual
+        out, residual = super().forward(positions, hidden_states, residual, *args, **kwargs)
+        if self.moee_routed:
+            if not isinstance(out, tuple):
+                raise TypeError(f"{type(self).__name__}: its MoE block's (output, router scores) did not reach the layer's output")
+            out, scores = out
+            rows = [*rows, scores]
+        return out, (residual, rows)
 
 
 class CarryingNorm:
-    """The final norm on the first H channels; the carried rows pass through."""
+    """The final norm; its output gets the carried rows as extra channels: [T, H | L*E]."""
 
-    moee_hidden_size: int
+    moee_dtype: torch.dtype
 
     def forward(self, hidden_states, residual=None):
-        hidden, carried = _split(hidden_states, self.moee_hidden_size)
-        out = super().forward(hidden) if residual is None else super().forward(hidden, residual)
+        residual, rows = residual
+        out = super().forward(hidden_states, residual)
+        rows = as_channels(torch.cat(rows, dim=-1), self.moee_dtype)
         if isinstance(out, tuple):
-            return torch.cat([out[0], carried], dim=-1), out[1]
-        return torch.cat([out, carried], dim=-1)
+            return torch.cat([out[0], rows], dim=-1), out[1]
+        return torch.cat([out, rows], dim=-1)
 
 
 def moe_block(layer: nn.Module) -> nn.Module | None:
@@ -130,7 +130,7 @@ def carry_router_rows(model: nn.Module, scoring: str, dtype: torch.dtype) -> Row
     experts = set()
     for index, layer in enumerate(layers):
         block = moe_block(layer)
-        _swap(layer, CarryingLayer, moee_hidden_size=hidden_size, moee_routed=block is not None)
+        _swap(layer, CarryingLayer, moee_routed=block is not None)
         if block is not None:
             _swap(block, RoutedBlock, moee_scoring=scoring)
             experts.add(_gate_outputs(block.gate, index))
@@ -138,7 +138,7 @@ def carry_router_rows(model: nn.Module, scoring: str, dtype: torch.dtype) -> Row
         raise ValueError(f"{type(model).__name__}: no MoE block (a child with `gate` and `experts`) in any layer")
     if len(experts) > 1:
         raise ValueError(f"{type(model).__name__}: MoE layers route to different expert counts {sorted(experts)}")
-    _swap(model.norm, CarryingNorm, moee_hidden_size=hidden_size)
+    _swap(model.norm, CarryingNorm, moee_dtype=dtype)
     num_moe_layers = sum(moe_block(layer) is not None for layer in layers)
     return RowLayout(hidden_size, num_moe_layers, experts.pop(), dtype)
 

@@ -4,11 +4,13 @@ MoEEmbeddings as `MoEEncoder.encode`, from a vLLM engine running the MoEE poolin
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
 
 from .. import loading
+from ..loading import models as _native_configs  # noqa: F401  (reads configs transformers lacks: DeepSeekMoE v1)
 from ..checks import check_finite_rows, check_max_length, check_rw_source, check_unicode
 from ..embeddings import MoEEmbeddings
 from ..encoder import _check_texts
@@ -41,7 +43,13 @@ class VLLMEncoder:
         self.adapter = family_adapter(config.model_type)
         self.hidden_size = config.hidden_size
         self.num_experts = getattr(config, FAMILIES[config.model_type][1])
+        self.num_layers = config.num_hidden_layers
+        self._engine_lock = threading.Lock()  # one vllm.LLM serves one caller at a time (a server has two lanes)
         self.context_length = getattr(config, "max_position_embeddings", None)
+        self.vocab_size = config.vocab_size
+        self.dtype = llm.model_config.dtype
+        # The scheduler's tokens per step: batches of this size keep a server's small requests' wait short.
+        self.token_budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
         # How many layers route (dense layers do not): read off one token's embedding.
         probe = llm.embed([{"prompt_token_ids": [0]}], use_tqdm=False)[0].outputs.embedding
         self.num_moe_layers = (len(probe) - self.hidden_size) // self.num_experts
@@ -78,11 +86,20 @@ class VLLMEncoder:
         if not texts:
             return MoEEmbeddings.empty(self.hidden_size, self.num_moe_layers, self.num_experts, metadata)
         ids = token_ids(self.tokenizer, texts, template, max_length, self.context_length)
-        # Token ids, not strings: vLLM then runs exactly the tokens MoEEncoder would.
-        outputs = self.llm.embed([{"prompt_token_ids": seq} for seq in ids], use_tqdm=bool(show_progress_bar))
+        hs, rw = self.encode_ids(ids, show_progress_bar=bool(show_progress_bar))
+        metadata["tokens"] = str(sum(len(seq) for seq in ids))
+        return MoEEmbeddings(hs, rw, metadata)
+
+    def encode_ids(self, ids: list[list[int]], show_progress_bar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """HS [N, H] and RW [N, L, E] (fp32) of token-id sequences, already prompted and cut.
+        Token ids, not strings: vLLM then runs exactly the tokens MoEEncoder would."""
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise ValueError(f"ids[{i}] is empty: it has no last token to read")
+        with self._engine_lock:
+            outputs = self.llm.embed([{"prompt_token_ids": seq} for seq in ids], use_tqdm=show_progress_bar)
         vectors = torch.stack([torch.as_tensor(out.outputs.embedding, dtype=torch.float32) for out in outputs])
         hs, rw = vectors.split([self.hidden_size, vectors.shape[1] - self.hidden_size], dim=1)
-        rw = rw.reshape(len(texts), self.num_moe_layers, self.num_experts)
-        check_finite_rows(hs, rw, list(range(len(texts))))
-        metadata["tokens"] = str(sum(len(seq) for seq in ids))
-        return MoEEmbeddings(hs.contiguous(), rw.contiguous(), metadata)
+        rw = rw.reshape(len(ids), self.num_moe_layers, self.num_experts)
+        check_finite_rows(hs, rw, list(range(len(ids))))
+        return hs.contiguous(), rw.contiguous()

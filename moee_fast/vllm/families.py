@@ -9,6 +9,7 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", "num_experts"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "num_experts"),
     "mixtral": ("MixtralForCausalLM", "num_local_experts"),
+    "deepseek": ("DeepseekForCausalLM", "n_routed_experts"),  # DeepSeekMoE v1 (vLLM runs it with V2's code)
     "deepseek_v2": ("DeepseekV2ForCausalLM", "n_routed_experts"),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vllm.model_executor.layers.pooler import DispatchPooler
 from vllm.model_executor.models.adapters import as_embedding_model
-from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM
+from vllm.model_executor.models.deepseek_v2 import DeepseekForCausalLM, DeepseekV2ForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -50,4 +50,5 @@ MoEEOlmoeForCausalLM = moee_model(OlmoeForCausalLM)
 MoEEQwen2MoeForCausalLM = moee_model(Qwen2MoeForCausalLM)
 MoEEQwen3MoeForCausalLM = moee_model(Qwen3MoeForCausalLM)
 MoEEMixtralForCausalLM = moee_model(MixtralForCausalLM)
+MoEEDeepseekForCausalLM = moee_model(DeepseekForCausalLM)
 MoEEDeepseekV2ForCausalLM = moee_model(DeepseekV2ForCausalLM)

@@ -181,9 +181,8 @@ class DeepseekModel(PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None, position_ids=position_ids
-        )
+        # The cache argument by position: transformers renamed it (past_key_values, then cache).
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None, position_ids=position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
