@@ -63,7 +63,7 @@ def _load_weight(b, scale, nested, offset, code, nested_code, expert, w_offsets,
                  FORMAT: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr, NESTED_BLOCK: tl.constexpr):
     """A [BLOCK_K, BLOCK_N] weight tile of `expert` at element offsets `w_offsets` (for 4 bits: the
     row-major index n * K + k), as stored (dense, int8) or decoded to fp32 (4 bits)."""
-    if FORMAT == 2:
+    if FORMAT == 2:  # a constexpr branch, so the two results may differ in type
         packed = tl.load(b + w_offsets // 2, mask=w_mask, other=0).to(tl.int32)
         nibble = (packed >> ((1 - w_offsets % 2) * 4)) & 15
         block = w_offsets // QBLOCK
@@ -73,8 +73,10 @@ def _load_weight(b, scale, nested, offset, code, nested_code, expert, w_offsets,
                                                          other=0.0) + tl.load(offset + expert)
         else:
             absmax = tl.load(scale + expert * stride_se + block, mask=w_mask, other=0.0)
-        return tl.where(w_mask, tl.load(code + nibble) * absmax, 0.0)
-    return tl.load(b + w_offsets, mask=w_mask, other=0)
+        w = tl.where(w_mask, tl.load(code + nibble) * absmax, 0.0)
+    else:
+        w = tl.load(b + w_offsets, mask=w_mask, other=0)
+    return w
 
 
 @triton.jit

@@ -21,8 +21,10 @@ def tiny_model(family, dtype):
     return AutoModel.from_config(config).to(dtype).eval()
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v2"])
 def test_part_runs_the_fused_kernels_and_keeps_the_output(family):
+    """Qwen2-MoE (sigmoid-gated) and DeepSeek-V2 (ungated) run their shared expert inside the same
+    fused call: the shared MLP's own forward is never called, the output is transformers' own."""
     model = tiny_model(family, torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -30,20 +32,29 @@ def test_part_runs_the_fused_kernels_and_keeps_the_output(family):
     before = model.config._experts_implementation
     report = fused_experts.install(model, devices=("cpu",))
     assert report.applied and not report.skipped and model.config._experts_implementation == fused_experts.NAME
-    calls = []
+    blocks = [m for m in model.modules() if any(isinstance(getattr(m, a, None), torch.nn.Module) for a in fused_experts.SHARED_EXPERTS)
+              and hasattr(m, "experts")]
+    n_moe = len(report.applied) - len(blocks)
+    assert sum(name.endswith("(shared expert)") for name in report.applied) == len(blocks) == (0 if family == "olmoe" else n_moe)
+    calls, shared_calls = [], []
     original = fused_experts.ops.fused_moe_experts
-    fused_experts.ops.fused_moe_experts = lambda *a, **k: calls.append(1) or original(*a, **k)
+    fused_experts.ops.fused_moe_experts = lambda *a, **k: calls.append(k.get("shared") is not None) or original(*a, **k)
+    hooks = [m.register_forward_hook(lambda *_: shared_calls.append(1)) for block in blocks
+             for m in (getattr(block, a, None) for a in fused_experts.SHARED_EXPERTS) if m is not None]
     try:
         with torch.no_grad():
             got = model(ids).last_hidden_state.double()
     finally:
         fused_experts.ops.fused_moe_experts = original
-    assert len(calls) == len(report.applied) >= 2  # each MoE layer once (the tiny Qwen2-MoE has a dense layer)
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == n_moe >= 1 and sum(calls) == len(blocks) and not shared_calls  # each MoE layer once
+    assert not torch.isnan(got).any()
     error = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item()
     assert error < 5e-2, error
     for undo in reversed(report.undo):
         undo()
-    assert model.config._experts_implementation == before
+    assert model.config._experts_implementation == before and not any("forward" in vars(m) for m in model.modules())
 
 
 def test_part_skips_cpu_fp32_and_other_formulas():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .fused_experts import is_silu
 from .patching import PartReport, replace_forward, unpatchable_reason
 
 _SILU = ("silu", "swish")
@@ -38,9 +39,7 @@ def quantized_fused_forward(self, hidden_states: torch.Tensor, top_k_index: torc
 
 
 def _is_silu(module: nn.Module) -> bool:
-    act = getattr(module, "act_fn", None)
-    return getattr(getattr(module, "config", None), "hidden_act", None) in _SILU or isinstance(act, nn.SiLU) \
-        or act is torch.nn.functional.silu
+    return getattr(getattr(module, "config", None), "hidden_act", None) in _SILU or is_silu(getattr(module, "act_fn", None))
 
 
 @torch.no_grad()
