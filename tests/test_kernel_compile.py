@@ -54,6 +54,9 @@ SCRIPT = textwrap.dedent(r"""
         "nf4": {"b": "*u8", "b_up": "*u8", "b_scale": "*u8", "b_up_scale": "*u8", "code": "*fp32", "nested_code": "*fp32",
                 **{p: "*fp32" for p in ("b_nested", "b_up_nested", "b_offset", "b_up_offset")}},
     }
+    # A sample weight of each kind, for the launcher's choice of tiles.
+    WEIGHT_KINDS = {"dense": None, "int8": moe_gemm.Int8Rows(None, None),
+                    "nf4": moe_gemm.Blockwise4Bit(None, None, None, (1, 1), 64)}
     pointers = ["a_hs", "b_hs", "a_rw", "b_rw"]
     norms = ["a_hs_inv_norm", "b_hs_inv_norm", "a_rw_inv_norm", "b_rw_inv_norm", "out"]
     cases = {}
@@ -88,7 +91,9 @@ SCRIPT = textwrap.dedent(r"""
                 for weights in ("dense", "int8", "nf4"):
                     if weights != "dense" and step == "shared down":
                         continue  # quantized layers run routed experts only
-                    step_flags = dict(flags, UPCAST=False, stride_bk=1, NESTED_BLOCK=256, **tiles, **QUANTIZED_FLAGS[weights])
+                    launched = fused_moe.tiles_for_weights(dict(tiles, num_warps=0, num_stages=0), WEIGHT_KINDS[weights])
+                    launched = {key: value for key, value in launched.items() if key in tiles}
+                    step_flags = dict(flags, UPCAST=False, stride_bk=1, NESTED_BLOCK=256, **launched, **QUANTIZED_FLAGS[weights])
                     if step == "gate_up":  # the gate_up launch passes no weights
                         step_flags.update(WEIGHTED=False, pair_weights=None)
                     if not step_flags["WEIGHTED"]:
