@@ -64,8 +64,8 @@ def rms_norm(width: int, label: str) -> list[Kernel]:
 
 
 def attention_block(s: Shape, design: str) -> list[Kernel]:
-    """moee-fast: fused norms, residual adds apart, rotary in place, q/k/v made contiguous for
-    varlen_attn; vLLM: residual add fused into each norm, one qkv GEMM."""
+    """moee-fast: fused norms, residual adds apart, rotary in place, q/k/v passed to varlen_attn
+    as the projections' rows (no copy); vLLM: residual add fused into each norm, one qkv GEMM."""
     q, kv, h = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden
     vllm = design == "vLLM"
     kernels = [Kernel("residual add + input norm (fused)", 2 * BF16 * h, 2 * BF16 * h)] if vllm else rms_norm(h, "input norm")
@@ -75,8 +75,6 @@ def attention_block(s: Shape, design: str) -> list[Kernel]:
         kernels += rms_norm(q, "q norm") + rms_norm(kv, "k norm")
     kernels.append(Kernel("rotary q, k in place", BF16 * (q + kv) + 4 * BF16 * s.head_dim, BF16 * (q + kv),
                           launches=1 if vllm else 2))
-    if not vllm:
-        kernels.append(Kernel("q, k, v .contiguous() copies for varlen_attn", BF16 * (q + 2 * kv), BF16 * (q + 2 * kv), launches=3))
     kernels.append(Kernel("varlen flash attention", BF16 * (q + 2 * kv), BF16 * q, gemm=True))
     kernels.append(Kernel("o projection", BF16 * q, BF16 * h, gemm=True))
     if vllm:
