@@ -16,15 +16,26 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 def tiny_model(family, dtype):
     from transformers import AutoModel
 
-    config = family_config(family, vocab_size=100)
     torch.manual_seed(0)
-    return AutoModel.from_config(config).to(dtype).eval()
+    if family == "deepseek":  # DeepSeekMoE, loaded natively: two shared experts, layer 0 dense
+        from moee_fast.loading.models import DeepseekConfig, DeepseekModel
+
+        config = DeepseekConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=80, moe_intermediate_size=24, n_shared_experts=2,
+                                n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1)
+        model = DeepseekModel(config)
+        with torch.no_grad():
+            for parameter in model.parameters():  # its loader fills them; here random, norms at 1
+                parameter.normal_(0, 0.05) if parameter.dim() > 1 else parameter.fill_(1.0)
+        return model.to(dtype).eval()
+    return AutoModel.from_config(family_config(family, vocab_size=100)).to(dtype).eval()
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v2", "deepseek"])
 def test_part_runs_the_fused_kernels_and_keeps_the_output(family):
-    """Qwen2-MoE (sigmoid-gated) and DeepSeek-V2 (ungated) run their shared expert inside the same
-    fused call: the shared MLP's own forward is never called, the output is transformers' own."""
+    """Qwen2-MoE (sigmoid-gated), DeepSeek-V2 and DeepSeekMoE (ungated) run their shared expert
+    inside the same fused call: the shared MLP's own forward is never called, the output is the
+    model's own eager one."""
     model = tiny_model(family, torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
