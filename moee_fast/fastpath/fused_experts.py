@@ -73,6 +73,8 @@ def shared_block_reason(block: nn.Module) -> str | None:
         linears.append(getattr(block, gate_name, None))
     if not all(type(linear) is nn.Linear and linear.bias is None for linear in linears):
         return "shared expert not plain bias-free linears"
+    if any(linear.weight.dtype != block.experts.gate_up_proj.dtype for linear in linears):
+        return "shared expert in another dtype than the routed experts"
     if not is_silu(getattr(mlp, "act_fn", None)):
         return "shared expert activation other than SiLU(gate) * up"
     return unpatchable_reason(block, ())
