@@ -1,7 +1,9 @@
 """Per-layer ledger of the CUDA forward: kernel launches and HBM bytes per token per decoder layer,
 each kernel's bytes derived from the tensors it reads and writes, for moee-fast's CUDA path and
 beside it vLLM's design (fused add+RMSNorm, in-place rotary, fused MoE with tuned tiles), on the
-published OLMoE, Qwen1.5-MoE, DeepSeekMoE and Mixtral shapes in bf16.
+published OLMoE, Qwen1.5-MoE, DeepSeekMoE and Mixtral shapes in bf16; and the quantized experts
+(int8 rows, NF4 blocks) as the fused path runs them (decoded inside the GEMMs) and as their own
+per-expert loop ran them before (each active expert dequantized per batch).
 
 Counted per token: activations only. GEMM weights are read once per batch whatever its size, so
 they are listed apart, per token at a batch of BATCH_TOKENS tokens. "glue" is every byte outside
@@ -62,8 +64,8 @@ def rms_norm(width: int, label: str) -> list[Kernel]:
 
 
 def attention_block(s: Shape, design: str) -> list[Kernel]:
-    """moee-fast: fused norms, residual adds apart, rotary in place, q/k/v made contiguous for
-    varlen_attn; vLLM: residual add fused into each norm, one qkv GEMM."""
+    """moee-fast: fused norms, residual adds apart, rotary in place, q/k/v passed to varlen_attn
+    as the projections' rows (no copy); vLLM: residual add fused into each norm, one qkv GEMM."""
     q, kv, h = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden
     vllm = design == "vLLM"
     kernels = [Kernel("residual add + input norm (fused)", 2 * BF16 * h, 2 * BF16 * h)] if vllm else rms_norm(h, "input norm")
@@ -73,8 +75,6 @@ def attention_block(s: Shape, design: str) -> list[Kernel]:
         kernels += rms_norm(q, "q norm") + rms_norm(kv, "k norm")
     kernels.append(Kernel("rotary q, k in place", BF16 * (q + kv) + 4 * BF16 * s.head_dim, BF16 * (q + kv),
                           launches=1 if vllm else 2))
-    if not vllm:
-        kernels.append(Kernel("q, k, v .contiguous() copies for varlen_attn", BF16 * (q + 2 * kv), BF16 * (q + 2 * kv), launches=3))
     kernels.append(Kernel("varlen flash attention", BF16 * (q + 2 * kv), BF16 * q, gemm=True))
     kernels.append(Kernel("o projection", BF16 * q, BF16 * h, gemm=True))
     if vllm:
@@ -110,49 +110,100 @@ def fused_moe(s: Shape, label: str) -> list[Kernel]:
 
 
 def moe_block(s: Shape, design: str) -> list[Kernel]:
+    """The MoE block: routing, the fused MoE with the shared expert inside it (vLLM's and
+    moee-fast's fused_experts part alike), moee-fast's RW gather; the residual add apart, as the
+    decoder layer does it, or fused into vLLM's next norm."""
+    kernels = routing(s, with_rw=design != "vLLM") + fused_moe(s, "fused MoE")
     if design == "vLLM":
-        kernels = routing(s, with_rw=False) + fused_moe(s, "fused MoE")
         return kernels + [Kernel("residual add (fused into the next norm)", 0, 0, launches=0)]
-    kernels = routing(s, with_rw=True) + fused_moe(s, "fused MoE")
-    if s.shared_intermediate:  # the shared expert still runs as the model's own MLP, added by torch
-        si = s.shared_intermediate
-        kernels = [k for k in kernels if not k.name.startswith("shared") and "+ shared row" not in k.name]
-        kernels += [Kernel("shared MLP: gate, up GEMMs", 2 * BF16 * s.hidden, 2 * BF16 * si, gemm=True, launches=2),
-                    Kernel("shared MLP: SiLU, multiply", 2 * BF16 * si, BF16 * si, launches=2),
-                    Kernel("shared MLP: down GEMM", BF16 * si, BF16 * s.hidden, gemm=True),
-                    Kernel("shared: add to routed", 2 * BF16 * s.hidden, BF16 * s.hidden)]
-        if s.shared_gate:
-            kernels += [Kernel("shared gate GEMV, sigmoid, multiply", 2 * BF16 * s.hidden, BF16 * s.hidden, launches=3)]
     return kernels + [Kernel("residual add", 2 * BF16 * s.hidden, BF16 * s.hidden)]
 
 
-def weights_per_token(s: Shape) -> float:
+def shared_mlp_apart(s: Shape) -> list[Kernel]:
+    """A shared expert of bitsandbytes linears, run by the model's own MLP and added by torch (the
+    quantized layers: only the routed experts are fused)."""
+    if not s.shared_intermediate:
+        return []
+    si = s.shared_intermediate
+    kernels = [Kernel("shared MLP: gate, up GEMMs", 2 * BF16 * s.hidden, 2 * BF16 * si, gemm=True, launches=2),
+               Kernel("shared MLP: SiLU, multiply", 2 * BF16 * si, BF16 * si, launches=2),
+               Kernel("shared MLP: down GEMM", BF16 * si, BF16 * s.hidden, gemm=True),
+               Kernel("shared: add to routed", 2 * BF16 * s.hidden, BF16 * s.hidden)]
+    if s.shared_gate:
+        kernels += [Kernel("shared gate GEMV, sigmoid, multiply", 2 * BF16 * s.hidden, BF16 * s.hidden, launches=3)]
+    return kernels
+
+
+# Bytes per expert weight as stored: int8 with an fp32 scale per row; NF4 with a byte of absmax per
+# 64 values, an fp32 per 256 absmax codes (double quantization) and an offset per matrix.
+STORED_BYTES = {"int8": lambda rows, cols: rows * cols + FP32 * rows,
+                "nf4": lambda rows, cols: rows * cols / 2 + rows * cols / 64 + FP32 * rows * cols / (64 * 256) + FP32}
+
+
+def quantized_moe_block(s: Shape, method: str, fused: bool) -> list[Kernel]:
+    """The routed experts quantized: fused (the quantized_experts part: the same launches and
+    activation bytes as the dense fused MoE, weights decoded in registers), or their own loop
+    (per active expert: gather, dequantize gate, up and down to fp32 then bf16, cat, two GEMMs,
+    SiLU * up, weight, index_add; argsort, bincount and a host sync per layer). At BATCH_TOKENS
+    tokens every expert is active, so the loop's dequantized copies are counted per token there."""
+    routed = Shape(**{**s.__dict__, "shared_intermediate": 0})
+    h, i, k, e = s.hidden, s.intermediate, s.top_k, s.experts
+    if fused:
+        kernels = routing(s, with_rw=True) + fused_moe(routed, f"fused MoE, {method} weights decoded in the GEMMs")
+    else:
+        weights = 3 * h * i
+        dequantized = e * (STORED_BYTES[method](i, h) * 2 + STORED_BYTES[method](h, i)) / BATCH_TOKENS
+        kernels = routing(s, with_rw=True) + [
+            Kernel("expert loop: argsort, bincount, .tolist() (host sync)", k * INDEX * 2, k * INDEX * 2, launches=4),
+            Kernel("expert loop: gather rows, index_select weights", k * BF16 * h + k * FP32, k * BF16 * h, launches=1 + e),
+            Kernel("expert loop: dequantize to fp32, to bf16, cat gate/up",
+                   dequantized + e * weights * (FP32 + BF16 * 2 / 3) / BATCH_TOKENS,
+                   e * weights * (FP32 + BF16 + BF16 * 2 / 3) / BATCH_TOKENS, launches=7 * e),
+            Kernel("expert loop: gate_up GEMM", k * BF16 * h, k * 2 * BF16 * i, gemm=True, launches=e),
+            Kernel("expert loop: SiLU * up", k * 2 * BF16 * i, k * BF16 * i, launches=2 * e),
+            Kernel("expert loop: down GEMM", k * BF16 * i, k * BF16 * h, gemm=True, launches=e),
+            Kernel("expert loop: weight, index_add", k * (2 * BF16 * h + FP32) + BF16 * h, k * BF16 * h + BF16 * h,
+                   launches=2 * e + 1)]
+    return kernels + shared_mlp_apart(s) + [Kernel("residual add", 2 * BF16 * s.hidden, BF16 * s.hidden)]
+
+
+def weights_per_token(s: Shape, method: str | None = None) -> float:
     """Weight bytes per token at BATCH_TOKENS: attention, router, the experts hit at that batch
-    (every one, at these sizes), the shared expert."""
+    (every one, at these sizes) as stored (bf16, or `method`'s quantized bytes), the shared expert.
+    Attention and shared-expert weights count as bf16 in every design (the ledger compares the
+    routed experts' paths)."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    attention = s.hidden * (q + 2 * kv) + q * s.hidden
-    experts = s.experts * 3 * s.hidden * s.intermediate + 3 * s.hidden * s.shared_intermediate
-    return BF16 * (attention + s.hidden * s.experts + experts) / BATCH_TOKENS
+    attention = BF16 * (s.hidden * (q + 2 * kv) + q * s.hidden + s.hidden * s.experts + 3 * s.hidden * s.shared_intermediate)
+    if method is None:
+        experts = BF16 * s.experts * 3 * s.hidden * s.intermediate
+    else:
+        experts = s.experts * (2 * STORED_BYTES[method](s.intermediate, s.hidden) + STORED_BYTES[method](s.hidden, s.intermediate))
+    return (attention + experts) / BATCH_TOKENS
 
 
+# design -> (attention block, MoE block, quantization of the routed experts)
 DESIGNS = {
-    "moee-fast CUDA": lambda s: attention_block(s, "moee-fast") + moe_block(s, "moee-fast"),
-    "vLLM": lambda s: attention_block(s, "vLLM") + moe_block(s, "vLLM"),
+    "moee-fast CUDA": (lambda s: attention_block(s, "moee-fast"), lambda s: moe_block(s, "moee-fast"), None),
+    "vLLM": (lambda s: attention_block(s, "vLLM"), lambda s: moe_block(s, "vLLM"), None),
+    **{f"moee-fast CUDA, {method} experts{'' if fused else ' (own loop, before)'}":
+       (lambda s: attention_block(s, "moee-fast"),
+        lambda s, method=method, fused=fused: quantized_moe_block(s, method, fused), method)
+       for method in ("int8", "nf4") for fused in (True, False)},
 }
 
 
 def ledger() -> list[dict]:
     rows = []
     for model, shape in SHAPES.items():
-        for design, kernels_of in DESIGNS.items():
-            kernels = kernels_of(shape)
+        for design, (attention_of, moe_of, method) in DESIGNS.items():
+            moe = moe_of(shape)
+            kernels = attention_of(shape) + moe
             glue = sum(k.reads + k.writes for k in kernels if not k.gemm)
             gemm = sum(k.reads + k.writes for k in kernels if k.gemm)
-            moe = moe_block(shape, "vLLM" if design == "vLLM" else "moee-fast")
             rows.append(dict(model=model, design=design, launches=sum(k.launches for k in kernels),
                              moe_launches=sum(k.launches for k in moe),
                              glue_mb=glue / 1e6, gemm_activation_mb=gemm / 1e6,
-                             weights_mb=weights_per_token(shape) / 1e6, kernels=kernels))
+                             weights_mb=weights_per_token(shape, method) / 1e6, kernels=kernels))
     return rows
 
 

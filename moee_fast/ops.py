@@ -433,34 +433,20 @@ def fused_moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, d
     or None) for Qwen2-MoE's sigmoid-gated and DeepSeek's ungated shared experts. CUDA tensors
     (CPU ones under TRITON_INTERPRET=1), no host synchronisation.
     """
-    named = dict(hidden_states=hidden_states, top_k_index=top_k_index, top_k_weights=top_k_weights,
-                 gate_up_proj=gate_up_proj, down_proj=down_proj)
+    named = dict(gate_up_proj=gate_up_proj, down_proj=down_proj)
     if shared is not None:
         if not isinstance(shared, (tuple, list)) or len(shared) != 4:
             raise ValueError("shared must be (gate [Is, H], up [Is, H], down [H, Is], gate_value [T] or None)")
         named.update({f"shared[{i}] ({name})": t for i, (name, t) in enumerate(zip(("gate", "up", "down", "gate_value"), shared))
                       if t is not None})
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    _check_one_device(named)
-    device, dtype = hidden_states.device, hidden_states.dtype
-    if device.type != "cuda" and not _triton_interpreted():
-        raise ValueError(f"fused_moe_experts runs Triton kernels: CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-    if dtype not in _FUSED_MOE_DTYPES:
-        raise ValueError(f"hidden_states must be bfloat16 or float16, got {dtype}")
-    if hidden_states.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
-        raise ValueError(f"need hidden_states [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]; got "
-                         f"{tuple(hidden_states.shape)}, {tuple(gate_up_proj.shape)}, {tuple(down_proj.shape)}")
+    device, dtype = _check_routed_inputs(hidden_states, top_k_index, top_k_weights, named, "fused_moe_experts")
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(f"need gate_up_proj [E, 2I, H], down_proj [E, H, I]; got "
+                         f"{tuple(gate_up_proj.shape)}, {tuple(down_proj.shape)}")
     (n_tokens, hidden), (n_experts, two_i) = hidden_states.shape, gate_up_proj.shape[:2]
     if two_i % 2 or gate_up_proj.shape[2] != hidden or tuple(down_proj.shape) != (n_experts, hidden, two_i // 2):
         raise ValueError(f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} do not "
                          f"fit hidden size {hidden}: need [E, 2I, {hidden}] and [E, {hidden}, I]")
-    if top_k_index.dim() != 2 or top_k_index.shape[0] != n_tokens or top_k_index.dtype.is_floating_point:
-        raise ValueError(f"top_k_index must be integer [{n_tokens}, k], got {top_k_index.dtype} {tuple(top_k_index.shape)}")
-    if tuple(top_k_weights.shape) != tuple(top_k_index.shape) or not top_k_weights.dtype.is_floating_point:
-        raise ValueError(f"top_k_weights must be float {tuple(top_k_index.shape)}, got {top_k_weights.dtype} "
-                         f"{tuple(top_k_weights.shape)}")
     weights = {name: t for name, t in named.items() if name in ("gate_up_proj", "down_proj") or "shared" in name}
     for name, t in weights.items():
         if "gate_value" not in name and t.dtype != dtype:
@@ -489,6 +475,92 @@ def fused_moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, d
         return fused_moe(_row_contiguous(hidden_states), top_k_index.contiguous(), top_k_weights.contiguous(),
                          gate_up_proj, down_proj, out, shared=shared, config=config)
 
+
+
+def _check_routed_inputs(hidden_states, top_k_index, top_k_weights, weights: dict, op: str):
+    """The checks every fused-MoE op makes of its activations and routing (and that `weights`, a
+    name -> tensor dict, are tensors on their device); returns (device, dtype)."""
+    named = dict(hidden_states=hidden_states, top_k_index=top_k_index, top_k_weights=top_k_weights, **weights)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    _check_one_device(named)
+    device, dtype = hidden_states.device, hidden_states.dtype
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"{op} runs Triton kernels: CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    if dtype not in _FUSED_MOE_DTYPES:
+        raise ValueError(f"hidden_states must be bfloat16 or float16, got {dtype}")
+    if hidden_states.dim() != 2:
+        raise ValueError(f"need hidden_states [T, H], got {tuple(hidden_states.shape)}")
+    n_tokens = hidden_states.shape[0]
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != n_tokens or top_k_index.dtype.is_floating_point:
+        raise ValueError(f"top_k_index must be integer [{n_tokens}, k], got {top_k_index.dtype} {tuple(top_k_index.shape)}")
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape) or not top_k_weights.dtype.is_floating_point:
+        raise ValueError(f"top_k_weights must be float {tuple(top_k_index.shape)}, got {top_k_weights.dtype} "
+                         f"{tuple(top_k_weights.shape)}")
+    return device, dtype
+
+
+def fused_moe_quantized_experts(hidden_states, top_k_index, top_k_weights, gate, up, down, out=None, config=None):
+    """The routed experts of one MoE layer with quantized weights, decoded inside the fused MoE
+    GEMMs' weight loads (no dequantized copy, no per-expert loop, no host synchronisation): the
+    formula of fused_moe_experts with gate, up [E, I, H] and down [E, H, I] given as
+    moee_fast.kernels.moe_gemm.Int8Rows (bitsandbytes' int8 rows) or Blockwise4Bit (its NF4/FP4
+    blocks), gate and up of one kind and statistics layout. hidden_states bf16/fp16 [T, H].
+    """
+    from .kernels.fused_moe import fused_moe_split
+    from .kernels.moe_gemm import Blockwise4Bit, Int8Rows, weight_shape
+
+    matrices = dict(gate=gate, up=up, down=down)
+    kinds = {type(w) for w in matrices.values()}
+    if len(kinds) != 1 or not kinds <= {Int8Rows, Blockwise4Bit}:
+        raise TypeError(f"gate, up and down must all be Int8Rows or all Blockwise4Bit, got "
+                        f"{', '.join(type(w).__name__ for w in matrices.values())}")
+    tensors = {f"{name}.{field}": t for name, w in matrices.items() for field, t in w._asdict().items()
+               if isinstance(t, torch.Tensor)}
+    tensors.update({f"{name}.nested[{i}]": t for name, w in matrices.items() if isinstance(w, Blockwise4Bit) and w.nested
+                    for i, t in enumerate(w.nested)})
+    device, dtype = _check_routed_inputs(hidden_states, top_k_index, top_k_weights, tensors, "fused_moe_quantized_experts")
+    (n_tokens, hidden), (n_experts, inter, _) = hidden_states.shape, weight_shape(gate)
+    wanted = dict(gate=(n_experts, inter, hidden), up=(n_experts, inter, hidden), down=(n_experts, hidden, inter))
+    for name, w in matrices.items():
+        if weight_shape(w) != wanted[name]:
+            raise ValueError(f"{name} holds {weight_shape(w)} weights, need {wanted[name]} for hidden size {hidden}")
+        _check_quantized_layout(name, w)
+    out = torch.empty((n_tokens, hidden), dtype=dtype, device=device) if out is None else out
+    _check_out(out, (n_tokens, hidden), dtype, device)
+    if n_tokens == 0:
+        return out
+    with _on_device(device):
+        return fused_moe_split(_row_contiguous(hidden_states), top_k_index.contiguous(), top_k_weights.contiguous(),
+                               gate, up, down, out, config=config)
+
+
+def _check_quantized_layout(name, weight):
+    """The dtypes and statistics shapes the quantized GEMM reads, each named when wrong."""
+    from .kernels.moe_gemm import NESTED_BLOCKSIZE, Int8Rows
+
+    n_experts, rows, cols = (weight.data.shape[0], *weight.shape) if not isinstance(weight, Int8Rows) else weight.data.shape
+
+    def need(field, t, dtype, shape):
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+            raise ValueError(f"{name}.{field} must be contiguous {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+
+    if isinstance(weight, Int8Rows):
+        need("data", weight.data, torch.int8, (n_experts, rows, cols))
+        need("scale", weight.scale, torch.float32, (n_experts, rows))
+        return
+    blocks = -(-rows * cols // weight.blocksize)
+    need("data", weight.data, torch.uint8, (n_experts, (rows * cols + 1) // 2))
+    need("code", weight.code, torch.float32, (16,))
+    if weight.nested is None:
+        need("absmax", weight.absmax, torch.float32, (n_experts, blocks))
+        return
+    nested_absmax, nested_code, offset = weight.nested
+    need("absmax", weight.absmax, torch.uint8, (n_experts, blocks))
+    need("nested[0] (nested_absmax)", nested_absmax, torch.float32, (n_experts, -(-blocks // NESTED_BLOCKSIZE)))
+    need("nested[1] (nested_code)", nested_code, torch.float32, (256,))
+    need("nested[2] (offset)", offset, torch.float32, (n_experts,))
 
 def _check_triton_device(device, op):
     if device.type != "cuda" and not _triton_interpreted():

@@ -10,6 +10,7 @@ construction. Sorting keeps neighbours of similar length together, which keeps t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,18 +59,39 @@ def _batch(indices: list[int], tokens: int, lengths: list[int]) -> Batch:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Packing:
-    """Where each text of a packed batch lies; built by `pack`, passed as `moee_packing`."""
+    """Where each text of a packed batch lies; built by `pack`, passed as `moee_packing`. The
+    padded layout's index tensors are built on first use: only the padded attention reads them."""
 
     max_len: int
     last: torch.Tensor  # [B] packed position of each text's last token
     cu_seqlens: torch.Tensor  # [B + 1] where each text starts, then the token count (on CPU)
-    pad_index: torch.Tensor  # [B * T] packed position feeding each padded slot (a text's own token)
-    unpad_index: torch.Tensor  # [N] padded slot of each packed position
     device_cu_seqlens: torch.Tensor  # cu_seqlens as int32 on the batch's device (varlen_attn)
+    pin: bool = False  # host copies to the device go through pinned memory, without blocking
 
     @property
     def batch_size(self) -> int:
         return self.last.shape[0]
+
+    @functools.cached_property
+    def pad_index(self) -> torch.Tensor:
+        """[B * T] packed position feeding each padded slot (a text's own token; slots past a
+        text's end repeat its last one)."""
+        starts, lengths, t = self._layout()
+        return self._to_device(starts[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)).reshape(-1)
+
+    @functools.cached_property
+    def unpad_index(self) -> torch.Tensor:
+        """[N] padded slot of each packed position."""
+        _, lengths, t = self._layout()
+        real = t[None, :] < lengths[:, None]
+        return self._to_device((torch.arange(len(lengths))[:, None] * self.max_len + t[None, :])[real])
+
+    def _layout(self):
+        starts = self.cu_seqlens[:-1]
+        return starts, self.cu_seqlens[1:] - starts, torch.arange(self.max_len)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.pin_memory() if self.pin else x).to(self.last.device, non_blocking=self.pin)
 
 
 def pack(seqs: list[list[int]], device: torch.device, pin: bool = False):
@@ -80,8 +102,6 @@ def pack(seqs: list[list[int]], device: torch.device, pin: bool = False):
     starts = ends - lengths
     t = torch.arange(width)
     real = t[None, :] < lengths[:, None]
-    pad_index = (starts[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)).reshape(-1)
-    unpad_index = (torch.arange(len(seqs))[:, None] * width + t[None, :])[real]
     input_ids = torch.tensor([token for s in seqs for token in s]).unsqueeze(0)
     position_ids = t.expand(len(seqs), width)[real].unsqueeze(0)
 
@@ -89,5 +109,5 @@ def pack(seqs: list[list[int]], device: torch.device, pin: bool = False):
         return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
 
     cu_seqlens = torch.cat([starts, ends[-1:]])
-    packing = Packing(width, move(ends - 1), cu_seqlens, move(pad_index), move(unpad_index), move(cu_seqlens.int()))
+    packing = Packing(width, move(ends - 1), cu_seqlens, move(cu_seqlens.int()), pin)
     return move(input_ids), move(position_ids), packing

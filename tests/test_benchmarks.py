@@ -233,6 +233,13 @@ def test_gpu_ledger_counts_every_kernel_of_each_design_for_the_four_shapes(tmp_p
     # One token's eight gate_up rows of 1024 bf16 values: what the fused GEMM writes per token.
     gate_up = next(k for k in olmoe["moee-fast CUDA"]["kernels"] if "gate_up" in k.name)
     assert gate_up.writes == 8 * 1024 * 2 and gate_up.gemm
+    # Quantized experts decoded inside the fused GEMMs: the dense path's launches, fewer weight bytes,
+    # and far fewer launches than their own per-expert loop.
+    for method in ("int8", "nf4"):
+        fused, loop = olmoe[f"moee-fast CUDA, {method} experts"], olmoe[f"moee-fast CUDA, {method} experts (own loop, before)"]
+        assert fused["launches"] == olmoe["moee-fast CUDA"]["launches"] and fused["moe_launches"] <= 12
+        assert fused["weights_mb"] < olmoe["moee-fast CUDA"]["weights_mb"] / (2 if method == "nf4" else 1.5)
+        assert loop["launches"] > 10 * fused["launches"] and loop["glue_mb"] > fused["glue_mb"]
     gpu_ledger.main(["--out", str(tmp_path / "ledger.md")])
     assert "| OLMoE-1B-7B | vLLM |" in (tmp_path / "ledger.md").read_text()
 

@@ -14,7 +14,7 @@ from moee_fast.fastpath import PARTS, state
 
 from conftest import random_texts, reference_embeddings, relative_error
 
-CPU_PARTS = set(PARTS) - {"fused_experts"}  # the fused Triton experts admit CUDA weights only
+CPU_PARTS = set(PARTS) - {"fused_experts", "quantized_experts"}  # the fused Triton experts admit CUDA weights only
 
 
 def _load(path):

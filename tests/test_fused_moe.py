@@ -1,14 +1,16 @@
 """The fused MoE experts (kernels/moe_align.py, moe_gemm.py, moe_sum.py, fused_moe.py) under Triton's
 interpreter against float64 torch: odd sizes, E in {8, 60, 64, 160}, top-k in {1, 2, 4, 6, 8},
-ragged routing with experts that get no token, shared experts, each half dtype, outputs NaN-poisoned
-before the kernels write them."""
+ragged routing with experts that get no token, shared experts, quantized experts (int8 rows, 4-bit
+blocks), each half dtype, outputs NaN-poisoned before the kernels write them."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import NF4_CODE, decode_reference
 from moee_fast import ops
 
 pytest.importorskip("triton")
@@ -164,3 +166,103 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(ValueError, match="shared gate_value"):
         ops.fused_moe_experts(x, index, weights, gate_up, down,
                               shared=(gate_up[0, :4], gate_up[0, 4:8], down[0, :, :4], torch.ones(3)))
+
+
+# Quantized experts: int8 rows and 4-bit blocks decoded inside the GEMMs' weight loads, against an
+# independent float64 decoding of the same bytes (conftest.decode_reference).
+
+def int8_rows(n_experts, rows, cols, gen):
+    from moee_fast.kernels.moe_gemm import Int8Rows
+
+    data = torch.randint(-127, 128, (n_experts, rows, cols), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n_experts, rows, generator=gen) * 2 / cols**0.5 + 1e-3
+    decoded = torch.stack([decode_reference(data[e], scale[e]) for e in range(n_experts)])
+    return Int8Rows(data, scale), decoded
+
+
+def blockwise_4bit(n_experts, rows, cols, gen, blocksize=64, nested=True):
+    from moee_fast.kernels.moe_gemm import NESTED_BLOCKSIZE, Blockwise4Bit
+
+    size = rows * cols
+    blocks = -(-size // blocksize)
+    data = torch.randint(0, 256, (n_experts, (size + 1) // 2), generator=gen, dtype=torch.uint8)
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    if nested:
+        absmax = torch.randint(0, 256, (n_experts, blocks), generator=gen, dtype=torch.uint8)
+        nested_absmax = torch.rand(n_experts, -(-blocks // NESTED_BLOCKSIZE), generator=gen) + 0.5
+        nested_code = torch.linspace(-1, 1, 256) * 0.5 / cols**0.5
+        offset = torch.rand(n_experts, generator=gen) / cols**0.5 + 1e-2
+        quantized = Blockwise4Bit(data, absmax, code, (rows, cols), blocksize, (nested_absmax, nested_code, offset))
+    else:
+        absmax = torch.rand(n_experts, blocks, generator=gen) * 2 / cols**0.5 + 1e-3
+        quantized = Blockwise4Bit(data, absmax, code, (rows, cols), blocksize)
+
+    def state(e):
+        state2 = None if not nested else SimpleNamespace(absmax=nested_absmax[e], code=nested_code,
+                                                         blocksize=NESTED_BLOCKSIZE)
+        return SimpleNamespace(quant_type="nf4", shape=torch.Size((rows, cols)), absmax=absmax[e], blocksize=blocksize,
+                               state2=state2, offset=offset[e] if nested else None)
+
+    decoded = torch.stack([decode_reference(data[e], state(e)) for e in range(n_experts)])
+    return quantized, decoded
+
+
+QUANTIZERS = {"int8": int8_rows, "nf4": blockwise_4bit,
+              "4bit plain absmax": lambda *a: blockwise_4bit(*a, blocksize=128, nested=False)}
+
+
+def run_quantized(x, index, weights, gate, up, down, config=TILES):
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype)
+    assert ops.fused_moe_quantized_experts(x, index, weights, gate, up, down, out=out, config=config) is out
+    return out
+
+
+@pytest.mark.parametrize(("kind", "dtype", "n_experts", "top_k", "n_tokens", "hot", "hidden", "inter"), [
+    ("int8", torch.bfloat16, 8, 1, 19, None, 40, 24), ("int8", torch.float16, 64, 2, 29, 2, 41, 23),
+    ("int8", torch.bfloat16, 60, 4, 23, 3, 40, 24), ("nf4", torch.bfloat16, 8, 8, 5, None, 41, 23),
+    ("nf4", torch.float16, 60, 4, 23, 3, 40, 24), ("nf4", torch.bfloat16, 64, 2, 29, 2, 41, 23),
+    ("4bit plain absmax", torch.bfloat16, 64, 8, 11, None, 41, 23), ("4bit plain absmax", torch.float16, 8, 2, 17, None, 40, 24),
+    ("nf4", torch.bfloat16, 64, 8, 7, None, 136, 130),  # 277 blocks of 64 over two nested blocks, odd row length
+])
+def test_quantized_experts_equal_float64_of_their_decoded_weights(n_experts, top_k, n_tokens, hot, hidden, inter,
+                                                                  kind, dtype):
+    gen = fresh_generator()
+    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    index, weights = routed(n_tokens, n_experts, top_k, gen, hot)
+    (gate, gate64), (up, up64), (down, down64) = (QUANTIZERS[kind](n_experts, *shape, gen)
+                                                  for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    assert torch.bincount(index.flatten(), minlength=n_experts).eq(0).any() or n_experts == 8
+    expected = reference64(x, index, weights, torch.cat([gate64, up64], 1), down64)
+    error = max_row_error(run_quantized(x, index, weights, gate, up, down), expected)
+    assert error <= TOLERANCE[dtype], error
+
+
+def test_quantized_experts_with_default_tiles_and_each_token_alone():
+    gen = fresh_generator()
+    x = torch.randn(70, HIDDEN, generator=gen).to(torch.bfloat16)
+    index, weights = routed(70, 60, 4, gen, hot=5)
+    (gate, gate64), (up, up64), (down, down64) = (blockwise_4bit(60, *shape, gen)
+                                                  for shape in ((INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)))
+    batch = run_quantized(x, index, weights, gate, up, down, config=None)
+    error = max_row_error(batch, reference64(x, index, weights, torch.cat([gate64, up64], 1), down64))
+    assert error <= TOLERANCE[torch.bfloat16], error
+    alone = run_quantized(x[3:4], index[3:4], weights[3:4], gate, up, down, config=None)
+    assert torch.equal(alone[0], batch[3])
+
+
+def test_quantized_bad_inputs_are_refused_by_name():
+    gen = fresh_generator()
+    x = torch.randn(5, HIDDEN, generator=gen).to(torch.bfloat16)
+    index, weights = routed(5, 8, 2, gen)
+    (gate, _), (up, _), (down, _) = (int8_rows(8, *shape, gen) for shape in ((24, HIDDEN), (24, HIDDEN), (HIDDEN, 24)))
+    (gate4, _), = (blockwise_4bit(8, 24, HIDDEN, gen),)
+    with pytest.raises(TypeError, match="must all be Int8Rows or all Blockwise4Bit"):
+        ops.fused_moe_quantized_experts(x, index, weights, gate4, up, down)
+    with pytest.raises(ValueError, match=r"down holds \(8, 40, 23\) weights"):
+        ops.fused_moe_quantized_experts(x, index, weights, gate, up, down._replace(data=down.data[:, :, :-1]))
+    with pytest.raises(ValueError, match=r"up.scale must be contiguous torch.float32"):
+        ops.fused_moe_quantized_experts(x, index, weights, gate, up._replace(scale=up.scale.half()), down)
+    with pytest.raises(ValueError, match="top_k_weights"):
+        ops.fused_moe_quantized_experts(x, index, weights[:, :1], gate, up, down)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        ops.fused_moe_quantized_experts(x.float(), index, weights, gate, up, down)

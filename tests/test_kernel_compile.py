@@ -3,7 +3,8 @@
 The interpreter never compiles anything, so this is the only CPU-side check that the GPU path builds:
 Triton lowers each kernel to PTX and ptxas assembles it for sm_90, in a fresh process without
 TRITON_INTERPRET. It checks that fp32 "tf32x3"/"tf32" and bf16 cosines use tensor-core MMA
-instructions and "ieee" does not, and that ptxas reports no register spills.
+instructions and "ieee" does not, that every fused-MoE GEMM (dense, int8 and 4-bit weights)
+does, and that ptxas reports no register spills.
 """
 
 import json
@@ -39,6 +40,23 @@ SCRIPT = textwrap.dedent(r"""
                 "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
                 "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill", log))}
 
+    # The weight formats of moe_gemm: dense (no statistics), int8 rows, double-quantized 4-bit blocks.
+    no_statistics = dict(b_scale=None, b_up_scale=None, b_nested=None, b_up_nested=None, b_offset=None,
+                         b_up_offset=None, code=None, nested_code=None)
+    QUANTIZED_FLAGS = {
+        "dense": dict(no_statistics, FORMAT=moe_gemm.DENSE, NESTED=False, QBLOCK=1),
+        "int8": dict(b_nested=None, b_up_nested=None, b_offset=None, b_up_offset=None, code=None, nested_code=None,
+                     FORMAT=moe_gemm.INT8_ROWS, NESTED=False, QBLOCK=1),
+        "nf4": dict(FORMAT=moe_gemm.BLOCKWISE_4BIT, NESTED=True, QBLOCK=64),
+    }
+    QUANTIZED_TYPES = {
+        "int8": {"b": "*i8", "b_up": "*i8", "b_scale": "*fp32", "b_up_scale": "*fp32"},
+        "nf4": {"b": "*u8", "b_up": "*u8", "b_scale": "*u8", "b_up_scale": "*u8", "code": "*fp32", "nested_code": "*fp32",
+                **{p: "*fp32" for p in ("b_nested", "b_up_nested", "b_offset", "b_up_offset")}},
+    }
+    # A sample weight of each kind, for the launcher's choice of tiles.
+    WEIGHT_KINDS = {"dense": None, "int8": moe_gemm.Int8Rows(None, None),
+                    "nf4": moe_gemm.Blockwise4Bit(None, None, None, (1, 1), 64)}
     pointers = ["a_hs", "b_hs", "a_rw", "b_rw"]
     norms = ["a_hs_inv_norm", "b_hs_inv_norm", "a_rw_inv_norm", "b_rw_inv_norm", "out"]
     cases = {}
@@ -70,15 +88,22 @@ SCRIPT = textwrap.dedent(r"""
             for step, flags in (("gate_up", dict(GATED=True, GATHER_A=True, SCATTER_C=False, WEIGHTED=True)),
                                 ("down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=True)),
                                 ("shared down", dict(GATED=False, GATHER_A=False, SCATTER_C=True, WEIGHTED=False))):
-                flags = dict(flags, UPCAST=False, stride_bk=1, **tiles)
-                if step == "gate_up":  # the gate_up launch passes no weights
-                    flags.update(WEIGHTED=False, pair_weights=None)
-                if not flags["WEIGHTED"]:
-                    flags["pair_weights"] = None
-                types = {**{p: "*" + element for p in ("a", "b", "b_up", "c")}, "sorted_pairs": "*i32",
-                         "expert_of_block": "*i32", "padded_total": "*i32", "pair_weights": "*fp32",
-                         **{p: "i32" for p in ("n_cols", "k_dim", "n_pairs", "top_k", "max_blocks")}}
-                cases[f"moe_gemm {step} {element} {tiles_name}"] = compile_report(moe_gemm._moe_gemm_kernel, types, flags, *options)
+                for weights in ("dense", "int8", "nf4"):
+                    if weights != "dense" and step == "shared down":
+                        continue  # quantized layers run routed experts only
+                    launched = fused_moe.tiles_for_weights(dict(tiles, num_warps=0, num_stages=0), WEIGHT_KINDS[weights])
+                    launched = {key: value for key, value in launched.items() if key in tiles}
+                    step_flags = dict(flags, UPCAST=False, stride_bk=1, NESTED_BLOCK=256, **launched, **QUANTIZED_FLAGS[weights])
+                    if step == "gate_up":  # the gate_up launch passes no weights
+                        step_flags.update(WEIGHTED=False, pair_weights=None)
+                    if not step_flags["WEIGHTED"]:
+                        step_flags["pair_weights"] = None
+                    types = {**{p: "*" + element for p in ("a", "c")}, "sorted_pairs": "*i32",
+                             "expert_of_block": "*i32", "padded_total": "*i32", "pair_weights": "*fp32",
+                             **QUANTIZED_TYPES.get(weights, {p: "*" + element for p in ("b", "b_up")}),
+                             **{p: "i32" for p in ("n_cols", "k_dim", "n_pairs", "top_k", "max_blocks")}}
+                    name = f"moe_gemm {step} {element} {tiles_name}" + ("" if weights == "dense" else f" {weights}")
+                    cases[name] = compile_report(moe_gemm._moe_gemm_kernel, types, step_flags, *options)
         types = {"rows": "*" + element, "shared": "*" + element, "out": "*" + element}
         cases[f"moe_sum {element}"] = compile_report(moe_sum._moe_sum_kernel, types, dict(TOP_K=8, HAS_SHARED=True, BLOCK_N=1024), 4)
     types = {"expert_of_pair": "*i64", "counts": "*i32", "rank_of_pair": "*i32", "padded_start": "*i32",
@@ -125,13 +150,13 @@ def test_cosine_kernels_use_tensor_cores_except_at_ieee_precision(sm90_reports):
 
 def test_fused_moe_gemms_use_tensor_cores(sm90_reports):
     gemms = [name for name in sm90_reports if name.startswith("moe_gemm")]
-    assert len(gemms) >= 12
+    assert len(gemms) >= 12 + 16 and sum(name.endswith((" int8", " nf4")) for name in gemms) == 16
     for name in gemms:
         assert sm90_reports[name]["tensor_cores"], name
 
 
 def test_no_kernel_spills_registers_on_sm90(sm90_reports):
-    assert len(sm90_reports) >= 14 + 12 + 2 + 3 + 10 and sum("one layer" in name for name in sm90_reports) == 5
+    assert len(sm90_reports) >= 14 + 12 + 16 + 2 + 3 + 10 and sum("one layer" in name for name in sm90_reports) == 5
     for name, report in sm90_reports.items():
         assert report["spill_bytes"] == 0, f"{name}: {report}"
         assert 0 < report["registers"] <= 255, f"{name}: {report}"

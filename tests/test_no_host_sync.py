@@ -1,7 +1,7 @@
 """No host synchronisation in the forward of the CUDA code path.
 
-On the CPU: the ops the CUDA forward runs (fused MoE experts, RMSNorm, rotary, the per-layer
-router gather) run in Triton's interpreter while every call that makes CUDA wait for the device
+On the CPU: the ops the CUDA forward runs (fused MoE experts, dense and quantized, RMSNorm, rotary,
+the per-layer router gather) run in Triton's interpreter while every call that makes CUDA wait for the device
 (.item(), .tolist(), .cpu(), .numpy(), nonzero, bool/int/float of a tensor) made from moee_fast's
 own code is recorded; the interpreter's own host copies are not ours and are not counted. On a GPU
 (marked `gpu`): a whole encode under torch.cuda.set_sync_debug_mode("error").
@@ -59,6 +59,21 @@ def test_the_recorder_sees_a_sync_made_from_moee_fast_code():
     assert any(name == "__bool__" for name, _ in syncs.calls)
 
 
+def quantized_weights(gen):
+    """(gate, up, down) of 8 experts, H=40, I=24, as int8 rows and as double-quantized 4-bit blocks."""
+    from moee_fast.kernels.moe_gemm import Blockwise4Bit, Int8Rows
+
+    shapes = ((24, 40), (24, 40), (40, 24))
+    int8 = [Int8Rows(torch.randint(-127, 128, (8, *shape), generator=gen, dtype=torch.int8), torch.rand(8, shape[0]))
+            for shape in shapes]
+    blocks = 15  # 960 values in blocks of 64
+    nested = (torch.rand(8, 1), torch.linspace(-1, 1, 256), torch.rand(8))
+    nf4 = [Blockwise4Bit(torch.randint(0, 256, (8, 480), generator=gen, dtype=torch.uint8),
+                         torch.randint(0, 256, (8, blocks), generator=gen, dtype=torch.uint8), torch.linspace(-1, 1, 16),
+                         shape, 64, nested) for shape in shapes]
+    return int8, nf4
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton ops on CPU tensors in the interpreter")
 def test_the_cuda_forward_ops_make_no_host_sync():
     gen = torch.Generator().manual_seed(0)
@@ -73,8 +88,11 @@ def test_the_cuda_forward_ops_make_no_host_sync():
     logits = torch.randn(13, 8, generator=gen)
     rows = torch.tensor([4, 12])
     out = torch.empty(2, 1, 8)
+    int8, nf4 = quantized_weights(gen)
     with HostSyncs() as syncs:
         ops.fused_moe_experts(x, index, weights, gate_up, down, shared=shared)
+        for quantized in (int8, nf4):
+            ops.fused_moe_quantized_experts(x, index, weights, *quantized)
         ops.rms_norm(x, torch.ones(40, dtype=torch.bfloat16), 1e-6, residual=x)
         ops.rotary_(q, k, cos, sin)
         ops.gather_router_softmax([logits], rows, backend="triton", out=out, check_rows=False)

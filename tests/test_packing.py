@@ -138,3 +138,43 @@ def test_where_attention_pads_the_encoder_counts_padded_slots(checkpoint):
     out = enc.encode(texts)
     assert sum(b for b, _ in shapes) == len(texts) and not out.hs.isnan().any()
     assert all(b * longest <= 300 or b == 1 for b, longest in shapes)
+
+
+def test_varlen_path_copies_no_projection_and_builds_no_padded_index(monkeypatch):
+    """On the varlen path q, k, v reach flash attention as the projections' own rows (views: no
+    copy kernel runs), and the padded layout's index tensors are never built; the padded path
+    builds them on first use."""
+    from torch.nn.attention import varlen
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    lengths, heads, kv_heads, dim = [5, 1, 9], 4, 2, 16
+    _, _, packing = pack([[1] * n for n in lengths], torch.device("cpu"))
+    n = sum(lengths)
+    # As the attention modules hand them over: [1, heads, N, D] views of [N, heads * D] projections
+    # (rotated in place by the rotary part on CUDA).
+    projections = [torch.randn(n, h * dim, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads)]
+    q, k, v = (p.view(1, n, -1, dim).transpose(1, 2) for p in projections)
+    received = []
+
+    def fake_varlen_attn(query, key, value, *args, **kwargs):
+        received.extend((query, key, value))
+        return torch.zeros_like(query)
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen_attn)
+    with Ops() as ops:
+        out = attention.varlen_attention(q, k, v, packing, None, None)
+    assert out.shape == (1, n, heads, dim)
+    assert [t.data_ptr() for t in received] == [p.data_ptr() for p in projections]
+    assert not [name for name in ops.names if "copy" in name or "clone" in name or "contiguous" in name], ops.names
+    assert "pad_index" not in vars(packing) and "unpad_index" not in vars(packing)
+    attention.padded_attention(q.float(), k.float(), v.float(), packing, None, None)
+    assert "pad_index" in vars(packing) and "unpad_index" in vars(packing)

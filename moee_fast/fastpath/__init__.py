@@ -8,13 +8,13 @@ entry point.
                                            # globals exactly as they were
 
 Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py, CPU),
-`fused_experts` (fused_experts.py, CUDA), `norms`
-(norms.py), `linears` (linears.py), `rotary` (rotary.py), `trim` (the last layer on the last
-tokens, trim.py). Given the MoE routers, `install` also holds the router tap (router_tap.py), the
-hooks that keep each layer's last-token router rows; it is not optional, as RW needs it. Each
-part admits a module only where a probe or a type check shows it reproduces the
-original, and skips quantized weights, meta weights and modules accelerate has hooked. The hooks
-read the per-forward state in state.py.
+`fused_experts` (fused_experts.py, CUDA), `quantized_experts` (quantized_experts.py, CUDA),
+`norms` (norms.py), `linears` (linears.py), `rotary` (rotary.py), `trim` (the last layer on the
+last tokens, trim.py). Given the MoE routers, `install` also holds the router tap
+(router_tap.py), the hooks that keep each layer's last-token router rows; it is not optional, as
+RW needs it. Each part admits a module only where a probe or a type check shows it reproduces
+the original, and skips quantized weights (quantized_experts excepted), meta weights and modules
+accelerate has hooked. The hooks read the per-forward state in state.py.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from . import attention, experts, fused_experts, linears, norms, rotary, router_tap, state, trim
+from . import attention, experts, fused_experts, linears, norms, quantized_experts, rotary, router_tap, state, trim
 from .patching import PartReport
 
 _INSTALLERS = {
     "attention": attention.install,
     "experts": experts.install,
     "fused_experts": fused_experts.install,  # the experts on CUDA
+    "quantized_experts": quantized_experts.install,  # quantized experts on CUDA
     "norms": norms.install,
     "linears": linears.install,
     "rotary": rotary.install,

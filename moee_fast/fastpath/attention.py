@@ -108,7 +108,9 @@ def varlen_attention(query, key, value, packing: Packing, scale: float | None, w
     within `window` keys: distance < window, as transformers' masks count it). scale None: D^-0.5."""
     from torch.nn.attention.varlen import varlen_attn
 
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [N, heads, D]
+    # [N, heads, D]: the projections' own rows (rotated in place on CUDA), already contiguous, so
+    # no copy; another layout (a rotation that made new tensors) is copied here.
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     out = varlen_attn(
         q, k, v, packing.device_cu_seqlens, packing.device_cu_seqlens, packing.max_len, packing.max_len,
         scale=scale, window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != q.shape[1],

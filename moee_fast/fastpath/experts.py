@@ -26,7 +26,7 @@ NAME = "moee_sorted"
 # among threads, and its own GEMM kernels skip the per-call weight packing a BLAS GEMM pays
 # (measurements: benchmarks/results/cpu_ops_auto.md).
 _SILU = ("silu", "swish")
-QUANTIZED_REASON = "quantized routed experts: their own loop dequantizes each active expert (moee_fast.loading.quantization)"
+QUANTIZED_REASON = "quantized routed experts: their own loop on CPU, the quantized_experts part on CUDA"
 
 
 def _use_cpp(self, hidden_states: torch.Tensor) -> bool:
