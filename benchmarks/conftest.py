@@ -10,7 +10,9 @@ import platform
 from pathlib import Path
 
 import pytest
-import torch
+
+import moee_fast  # noqa: F401  (before torch: it bounds OpenMP's idle spin, as for every user who imports it first)
+import torch  # noqa: E402
 
 from benchmarks.helpers import QUICK_ENV, markdown_table, matmul_flops_per_s, quick, results_dir
 

@@ -1,5 +1,9 @@
 """moee-fast: Mixture-of-Experts LLMs as embedding models, no finetuning (MoEE: HS + RW)."""
 
+from .openmp import bound_spin
+
+bound_spin()  # before anything below imports torch (and with it OpenMP): see openmp.py
+
 from .adapters import supported_families
 from .corpus import encode_corpus, load_corpus
 from .embeddings import VARIANTS, MoEEmbeddings, Standardizer

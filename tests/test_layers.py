@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moee_fast"
 
 # ARCHITECTURE.md's layers, lowest first: a module may import its own layer and those below.
 LAYERS = [
-    ("base", ["moee_fast.checks", "moee_fast.files", "moee_fast.extension", "moee_fast._C", "moee_fast.kernels"]),
+    ("base", ["moee_fast.checks", "moee_fast.files", "moee_fast.openmp", "moee_fast.extension", "moee_fast._C", "moee_fast.kernels"]),
     ("ops and formats", ["moee_fast.ops", "moee_fast.packing", "moee_fast.prompts", "moee_fast.adapters"]),
     ("embeddings and fast path", ["moee_fast.embeddings", "moee_fast.similarity", "moee_fast.fastpath"]),
     ("loading", ["moee_fast.loading"]),
