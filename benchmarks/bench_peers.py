@@ -60,10 +60,10 @@ def peer_python(engine: str) -> tuple[Path | None, str]:
     """(the peer venv's python, "") or (None, why it is skipped)."""
     python = VENVS / PEERS[engine] / "bin" / "python"
     if not python.exists():
-        return None, f"no venv at {python.parent.parent} (benchmarks/peers/create_venvs.sh {PEERS[engine]})"
+        return None, f"no {PEERS[engine]} venv in the peers' folder (benchmarks/peers/create_venvs.sh {PEERS[engine]})"
     probe = subprocess.run([str(python), "-c", IMPORTS[engine]], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
-        return None, f"`{IMPORTS[engine]}` fails in {python.parent.parent}: {probe.stderr.strip().splitlines()[-1:]}"
+        return None, f"`{IMPORTS[engine]}` fails in the {PEERS[engine]} venv: {probe.stderr.strip().splitlines()[-1:]}"
     if engine == "llamacpp" and not (VENVS / "llamacpp" / "src" / "llama.cpp" / "convert_hf_to_gguf.py").exists():
         return None, "llama.cpp's source tree (its converter) is missing beside the venv"
     return python, ""
