@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 
+import moee_fast  # noqa: E402,F401  before torch: its OpenMP spin bound (moee_fast/openmp.py), as the `moee` command gets it
 import torch
 
 from benchmarks.corpus import synthetic_corpus

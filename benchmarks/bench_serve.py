@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import httpx
+import moee_fast  # noqa: E402,F401  before torch: its OpenMP spin bound (moee_fast/openmp.py), as the `moee` command gets it
 import numpy as np
 import torch
 

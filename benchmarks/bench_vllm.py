@@ -30,6 +30,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # its default keep
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import moee_fast  # noqa: E402,F401  before torch: its OpenMP spin bound (moee_fast/openmp.py), as the `moee` command gets it
 import psutil  # noqa: E402  (a vLLM dependency)
 import torch  # noqa: E402
 
