@@ -73,14 +73,26 @@ def expected(stack: Stack, x: torch.Tensor):
     return hs, torch.stack(rows, dim=1)
 
 
+def gate_calls(stack: Stack) -> list[int]:
+    """A counter of each MoE block's gate calls (by a forward pre-hook: it counts eager runs)."""
+    calls = []
+    for layer in stack.layers:
+        if isinstance(layer.mlp, MoE):
+            calls.append(0)
+            index = len(calls) - 1
+            layer.mlp.gate.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("gate_in_block", [True, False])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_carried_rows_equal_the_routers_own(compiled):
+def test_carried_rows_equal_the_routers_own(compiled, gate_in_block):
     torch.manual_seed(0)
     stack = Stack()
     x = torch.randn(11, 24)
     hs_ref, rw_ref = expected(stack, x)
     names = [name for name, _ in stack.named_parameters()]
-    layout = carry_router_rows(stack, "softmax", torch.float32)
+    layout = carry_router_rows(stack, "softmax", torch.float32, gate_in_block=gate_in_block)
     assert [name for name, _ in stack.named_parameters()] == names  # weights load under the same names
     assert (layout.num_moe_layers, layout.num_experts, layout.hidden_size) == (3, 5, 24)
     run = torch.compile(stack, fullgraph=True, backend="aot_eager") if compiled else stack
@@ -89,6 +101,24 @@ def test_carried_rows_equal_the_routers_own(compiled):
     hs, rw = layout.split(wide)
     torch.testing.assert_close(hs, hs_ref, rtol=0, atol=0)
     torch.testing.assert_close(rw, rw_ref, rtol=1e-6, atol=1e-7)
+    if not compiled:  # the block's own gate call gives the rows: one router GEMM per layer, not two
+        calls = gate_calls(stack)
+        stack(x)
+        assert calls == [1 if gate_in_block else 2] * 3
+
+
+class TwiceRoutedMoE(MoE):
+    def forward(self, x):
+        self.gate(x)
+        return super().forward(x)
+
+
+def test_a_block_calling_its_gate_twice_is_refused():
+    stack = Stack()
+    stack.layers[0].mlp.__class__ = TwiceRoutedMoE
+    carry_router_rows(stack, "softmax", torch.float32, gate_in_block=True)
+    with pytest.raises(RuntimeError, match="its gate ran 2 times in one forward"):
+        stack(torch.randn(3, 24))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 0.0), (torch.bfloat16, 2e-5), (torch.float16, 1e-6)])

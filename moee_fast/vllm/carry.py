@@ -8,7 +8,8 @@ gathers:
 
     layer input   hidden [T, H], (residual [T, H], [rows of the MoE layers before it])
       -> the decoder layer runs on hidden and residual as vLLM wrote it
-      -> its MoE block returns (out [T, H], its router scores [T, E])   (scoring function, fp32)
+      -> its MoE block returns (out [T, H], its router scores [T, E])   (scoring function, fp32,
+         from the block's own gate call where the block makes it)
     layer output  out [T, H], (residual [T, H], [rows up to this layer])
     final norm    on hidden and residual; the model returns [T, H | L*E]
 
@@ -70,16 +71,42 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
+class KeptGate:
+    """A router that leaves its scores (fp32, in the family's scoring function) in `moee_kept`
+    for its block to take, so the block's one gate call gives both the routing and the rows."""
+
+    moee_scoring: str
+    moee_kept: list
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        # Scored at once: a fused-experts kernel may later write over the logits or the input.
+        self.moee_kept.append(_scores(out[0] if isinstance(out, tuple) else out, self.moee_scoring))
+        return out
+
+
 class RoutedBlock:
     """A MoE block that also returns its router scores: (out, scores [T, E] fp32)."""
 
     moee_scoring: str
+    moee_gate_in_block: bool  # the block's own forward calls its gate (else the experts' runner does)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        # Before the block runs: a fused-experts kernel may write its output over its input.
-        logits = self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))
-        logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
-        return super().forward(hidden_states, *args, **kwargs), _scores(logits, self.moee_scoring)
+        if not self.moee_gate_in_block:
+            # The runner calls the gate, maybe inside an op compilation does not trace into: score
+            # the input here, before a fused-experts kernel may write its output over it.
+            logits = self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))
+            logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
+            return super().forward(hidden_states, *args, **kwargs), _scores(logits, self.moee_scoring)
+        kept = self.gate.moee_kept
+        kept.clear()
+        out = super().forward(hidden_states, *args, **kwargs)
+        if len(kept) != 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: its gate ran {len(kept)} times in one forward where the family's "
+                "vLLM code calls it once; this vLLM version routes differently from the one the plugin knows"
+            )
+        return out, kept.pop()
 
 
 class CarryingLayer:
@@ -122,9 +149,11 @@ def moe_block(layer: nn.Module) -> nn.Module | None:
     return None
 
 
-def carry_router_rows(model: nn.Module, scoring: str, dtype: torch.dtype) -> RowLayout:
-    """Swap the classes of `model`'s decoder layers, MoE blocks and final norm so its forward
-    returns [T, H | L*E router scores]. `model` is a vLLM decoder stack (`layers`, `norm`)."""
+def carry_router_rows(model: nn.Module, scoring: str, dtype: torch.dtype, gate_in_block: bool = True) -> RowLayout:
+    """Swap the classes of `model`'s decoder layers, MoE blocks (and their gates) and final norm
+    so its forward returns [T, H | L*E router scores]. `model` is a vLLM decoder stack (`layers`,
+    `norm`); `gate_in_block`: its MoE blocks call their gate themselves (so the rows come from that
+    call), rather than handing it to the experts' runner (then each block scores its input again)."""
     hidden_size = model.config.hidden_size
     layers = list(model.layers)[model.start_layer:model.end_layer]
     experts = set()
@@ -132,7 +161,9 @@ def carry_router_rows(model: nn.Module, scoring: str, dtype: torch.dtype) -> Row
         block = moe_block(layer)
         _swap(layer, CarryingLayer, moee_routed=block is not None)
         if block is not None:
-            _swap(block, RoutedBlock, moee_scoring=scoring)
+            _swap(block, RoutedBlock, moee_scoring=scoring, moee_gate_in_block=gate_in_block)
+            if gate_in_block:
+                _swap(block.gate, KeptGate, moee_scoring=scoring, moee_kept=[])
             experts.add(_gate_outputs(block.gate, index))
     if not experts:
         raise ValueError(f"{type(model).__name__}: no MoE block (a child with `gate` and `experts`) in any layer")

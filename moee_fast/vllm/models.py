@@ -16,8 +16,11 @@ from .carry import carry_router_rows
 from .pooler import MoEEPooler
 
 
-def moee_model(causal_lm: type) -> type:
-    """`causal_lm` as a MoEE embedding model: no LM head, a pooler returning HS and RW."""
+def moee_model(causal_lm: type, gate_in_block: bool) -> type:
+    """`causal_lm` as a MoEE embedding model: no LM head, a pooler returning HS and RW.
+    gate_in_block: vLLM's MoE block of this family calls its router itself (OLMoE, Qwen2-MoE,
+    Mixtral), so the rows come from that call; the others hand the router to the experts' runner,
+    and the rows cost one more router GEMM per layer."""
 
     class MoEEModel(as_embedding_model(causal_lm)):
         def _init_pooler(self, vllm_config, prefix: str = ""):
@@ -26,7 +29,7 @@ def moee_model(causal_lm: type) -> type:
             _refuse_split_token_streams(vllm_config)
             config = vllm_config.model_config.hf_config
             scoring = getattr(config, "scoring_func", None) or family_adapter(config.model_type).scoring
-            layout = carry_router_rows(self.model, scoring, vllm_config.model_config.dtype)
+            layout = carry_router_rows(self.model, scoring, vllm_config.model_config.dtype, gate_in_block)
             output = getattr(config, "moee_output", "concat")
             pooler = MoEEPooler(layout, output, getattr(config, "moee_alpha", 1.0))
             return DispatchPooler({"embed": pooler})
@@ -46,9 +49,9 @@ def _refuse_split_token_streams(vllm_config) -> None:
                          "each rank's routers would see only its share of the tokens")
 
 
-MoEEOlmoeForCausalLM = moee_model(OlmoeForCausalLM)
-MoEEQwen2MoeForCausalLM = moee_model(Qwen2MoeForCausalLM)
-MoEEQwen3MoeForCausalLM = moee_model(Qwen3MoeForCausalLM)
-MoEEMixtralForCausalLM = moee_model(MixtralForCausalLM)
-MoEEDeepseekForCausalLM = moee_model(DeepseekForCausalLM)
-MoEEDeepseekV2ForCausalLM = moee_model(DeepseekV2ForCausalLM)
+MoEEOlmoeForCausalLM = moee_model(OlmoeForCausalLM, gate_in_block=True)
+MoEEQwen2MoeForCausalLM = moee_model(Qwen2MoeForCausalLM, gate_in_block=True)
+MoEEQwen3MoeForCausalLM = moee_model(Qwen3MoeForCausalLM, gate_in_block=False)
+MoEEMixtralForCausalLM = moee_model(MixtralForCausalLM, gate_in_block=True)
+MoEEDeepseekForCausalLM = moee_model(DeepseekForCausalLM, gate_in_block=False)
+MoEEDeepseekV2ForCausalLM = moee_model(DeepseekV2ForCausalLM, gate_in_block=False)
