@@ -7,8 +7,9 @@ Create the peers' venvs first with benchmarks/peers/create_venvs.sh; a peer whos
 or broken is skipped, with the reason in the results. Each peer runs in its own process
 (benchmarks/peers/worker.py) with its own Python, one process at a time; ours runs in this one.
 Reported per family: texts/s and CPU-seconds per round, the per-round ratio of our texts/s to each
-peer's and its median, and each path's HS against a float64 transformers forward of each text
-alone. Written to benchmarks/results/cpu_peers_<date>.md with the load average before and after.
+peer's and its median, each path's HS against a float64 transformers forward of each text alone,
+and each path's GFLOP/s as a share of the cores' FMA peak (sampled before and after the rounds):
+the ceiling that bounds any ratio between engines doing the same arithmetic. Written to benchmarks/results/cpu_peers_<date>.md with the load average before and after.
 
 Environment: MOEE_FAST_PEER_FAMILIES (default olmoe,qwen2_moe), MOEE_FAST_PEER_TEXTS (texts per
 round, default 400), MOEE_FAST_PEER_ROUNDS (3), MOEE_FAST_PEER_THREADS (2), MOEE_FAST_PEER_REFERENCE
@@ -35,8 +36,16 @@ import pytest
 import torch
 
 from benchmarks.corpus import load_corpus, synthetic_corpus
-from benchmarks.helpers import markdown_table, max_row_relative_error, quick, quick_note, results_dir, results_stem
-from benchmarks.models import build_checkpoint
+from benchmarks.helpers import (
+    fma_peak_gflops,
+    markdown_table,
+    max_row_relative_error,
+    quick,
+    quick_note,
+    results_dir,
+    results_stem,
+)
+from benchmarks.models import build_checkpoint, embedding_flops
 
 HERE = Path(__file__).parent / "peers"
 QUICK = quick()  # the quick mode's defaults: one family, a small corpus, one round
@@ -175,6 +184,11 @@ def test_peers(family, bench_dir, tmp_path):
     enc.encode(texts[:16])  # warm-up
     rounds: dict[str, list[dict]] = {"moee-fast": [], **{e: [] for e in peers}}
     hs: dict[str, torch.Tensor] = {}
+    lengths = [len(seq) for seq in ids]
+    # What each path computes: ours skips the last layer's queries and MLP but at each text's last
+    # token; the peers run every layer on every token (llama.cpp's LM head not counted).
+    flops = {path: embedding_flops(enc.model, lengths, every_layer_every_token=path != "moee-fast") for path in rounds}
+    peaks = [fma_peak_gflops(THREADS)]
     load_before = os.getloadavg()
     try:
         for r in range(ROUNDS):
@@ -192,11 +206,13 @@ def test_peers(family, bench_dir, tmp_path):
         for peer in peers.values():
             peer.close()
     load_after = os.getloadavg()
+    peaks.append(fma_peak_gflops(THREADS))
 
     n_ref = min(N_REFERENCE, len(ids))
     reference = float64_reference(checkpoint, ids[:n_ref])
     errors = {path: max_row_relative_error(h[:n_ref].double(), reference) for path, h in hs.items()}
-    SECTIONS.append(_section(family, len(texts), sum(map(len, ids)), rounds, errors, n_ref, skipped, load_before, load_after))
+    SECTIONS.append(_section(family, len(texts), sum(lengths), rounds, errors, n_ref, skipped, load_before, load_after,
+                             flops, peaks))
     _write_results()  # after each family: a stopped run keeps the families that ended
     for path, error in errors.items():
         assert error <= 1e-4, f"{family}: {path}'s HS differs from the float64 forward by {error:.1e}"
@@ -204,25 +220,37 @@ def test_peers(family, bench_dir, tmp_path):
         pytest.skip("; ".join(f"{e}: {why}" for e, why in skipped.items()))
 
 
-def _section(family, n_texts, n_tokens, rounds, errors, n_ref, skipped, load_before, load_after) -> list[str]:
+def _section(family, n_texts, n_tokens, rounds, errors, n_ref, skipped, load_before, load_after, flops, peaks) -> list[str]:
     ours = rounds["moee-fast"]
+    peak = statistics.mean(peaks) if None not in peaks else None
     cells = []
     for path, timed in rounds.items():
         ratios = [n_texts / o["seconds"] / (n_texts / t["seconds"]) for o, t in zip(ours, timed)]
         cpu_ratios = [t["cpu_seconds"] / o["cpu_seconds"] for o, t in zip(ours, timed)]
+        gflops = flops[path] / statistics.median(t["seconds"] for t in timed) / 1e9
         cells.append([
             path, " / ".join(f"{n_texts / t['seconds']:.1f}" for t in timed),
             " / ".join(f"{t['cpu_seconds']:.2f}" for t in timed),
             "-" if path == "moee-fast" else " / ".join(f"{x:.2f}x" for x in ratios),
             "-" if path == "moee-fast" else f"{statistics.median(ratios):.2f}x",
             "-" if path == "moee-fast" else f"{statistics.median(cpu_ratios):.2f}x",
+            f"{gflops:.0f}" + ("" if peak is None else f" ({gflops / peak:.0%})"),
             f"{errors[path]:.1e}",
         ])
     lines = [f"## {family}: {n_texts} texts, {n_tokens} tokens, {THREADS} threads each, {len(ours)} rounds alternated",
              f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}", ""]
     lines += markdown_table(["path", "texts/s per round", "CPU-seconds per round", "ours / peer texts/s per round",
                              "median ratio", "median CPU-seconds ratio (peer / ours)",
+                             "GFLOP/s computed, median round (% of FMA peak)",
                              f"max HS rel. error vs float64 ({n_ref} texts)"], cells)
+    if peak is not None:
+        # Our texts/s if the whole encode ran at the FMA peak, against each peer's median round.
+        ceiling = peak * 1e9 / flops["moee-fast"] * n_texts
+        bounds = ", ".join(f"{ceiling / statistics.median(n_texts / t['seconds'] for t in timed):.2f}x {path}'s"
+                           for path, timed in rounds.items() if path != "moee-fast")
+        lines += ["", f"FMA peak of {THREADS} cores: {' / '.join(f'{p:.0f}' for p in peaks)} GFLOP/s (before / after "
+                  f"the rounds). Our encode computes {flops['moee-fast'] / 1e9:.0f} GFLOP per round; at that peak it "
+                  f"would run {ceiling:.1f} texts/s" + (f", at most {bounds} texts/s." if bounds else ".")]
     lines += [f"- {engine} skipped: {why}" for engine, why in skipped.items()]
     return lines + [""]
 

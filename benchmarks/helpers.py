@@ -113,6 +113,15 @@ def matmul_flops_per_s(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return 2 * n**3 / statistics.median(times)
 
 
+def fma_peak_gflops(threads: int, seconds: float = 0.5) -> float | None:
+    """The fp32 FMA rate of `threads` cores running at once (torch.ops.moee_fast.fma_peak: every
+    thread's independent FMA chains), GFLOP/s: a ceiling no GEMM passes, unlike a BLAS matmul's
+    rate. None where the C++ ops are not built for AVX2."""
+    from moee_fast.extension import cpp_op
+
+    return torch.ops.moee_fast.fma_peak(seconds, threads) if cpp_op("fma_peak") else None
+
+
 def row_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     """Per-row ||actual - expected|| / ||expected|| in float64 (NaN anywhere stays NaN)."""
     actual, expected = actual.double().flatten(1), expected.double().flatten(1)

@@ -195,10 +195,11 @@ def save_random_checkpoint(config: DeepseekConfig, path: str, std: float = 0.02,
     config.save_pretrained(path)
 
 
-def embedding_flops(model, lengths: list[int]) -> float:
+def embedding_flops(model, lengths: list[int], every_layer_every_token: bool = False) -> float:
     """FLOPs the embedding needs for texts of these token lengths (no padding, no LM head): every
     layer for every token, except the last layer, which needs keys and values for every token
-    but queries, output projection and MLP/MoE for the last token only."""
+    but queries, output projection and MLP/MoE for the last token only. every_layer_every_token:
+    what an engine that runs the last layer on every token computes (vLLM's pooling runner)."""
     config = model.config
     layers = model.layers
     heads = config.num_attention_heads
@@ -215,7 +216,8 @@ def embedding_flops(model, lengths: list[int]) -> float:
         body = 0.0
         for i in range(len(layers) - 1):
             body += n * (kv[i] + q_o[i] + mlp[i]) + scores * n * (n + 1) / 2  # causal: p attends p+1 keys
-        total += body + n * kv[-1] + q_o[-1] + mlp[-1] + scores * n
+        last_tokens = n if every_layer_every_token else 1
+        total += body + n * kv[-1] + last_tokens * (q_o[-1] + mlp[-1]) + scores * (n * (n + 1) / 2 if every_layer_every_token else n)
     return total
 
 

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "tile_kernel.h"
@@ -82,6 +84,44 @@ std::string cpu_isa(const c10::optional<std::string>& use) {
   }
   return moee_fast::active_isa().load() == static_cast<int>(CpuIsa::avx512) ? "avx512" : "avx2";
 }
+
+// The fp32 FMA rate of one thread on its core, GFLOP/s: 12 independent chains of the active
+// ISA's widest FMA, for about `seconds`. A GEMM can approach but never pass it, which makes
+// it the ceiling benchmarks hold whole encodes against (a BLAS matmul's rate is one kernel's).
+// One loop per ISA: a vector type wider than the build's cannot cross a function boundary.
+#define MOEE_FAST_FMA_CHAINS(VEC, SET1, FMA, LANES)                                        \
+  VEC acc[12];                                                                              \
+  for (auto& a : acc) a = SET1(1.f);                                                        \
+  const VEC mul = SET1(0.999999f), add = SET1(1e-6f);                                       \
+  const auto begin = std::chrono::steady_clock::now();                                      \
+  int64_t rounds = 0;                                                                       \
+  double elapsed = 0.0;                                                                     \
+  do {                                                                                      \
+    for (int i = 0; i < 4096; ++i)                                                          \
+      _Pragma("GCC unroll 12") for (auto& a : acc) a = FMA(a, mul, add);                    \
+    rounds += 4096;                                                                         \
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count(); \
+  } while (elapsed < seconds);                                                              \
+  float lanes[LANES], sum = 0.f;                                                            \
+  for (auto& a : acc) std::memcpy(lanes, &a, sizeof(lanes)), sum += lanes[0];               \
+  volatile float sink = sum; /* keeps the chains live */                                    \
+  (void)sink;                                                                               \
+  return 2.0 * LANES * 12 * rounds / elapsed / 1e9;
+
+MOEE_FAST_AVX512 double fma_peak_512(double seconds) { MOEE_FAST_FMA_CHAINS(__m512, _mm512_set1_ps, _mm512_fmadd_ps, 16) }
+
+double fma_peak_avx2(double seconds) { MOEE_FAST_FMA_CHAINS(__m256, _mm256_set1_ps, _mm256_fmadd_ps, 8) }
+
+// The summed rate of `threads` threads, each running the chains at once on its own core.
+double fma_peak(double seconds, int64_t threads) {
+  TORCH_CHECK(seconds > 0 && seconds <= 60, "fma_peak: seconds must be in (0, 60], got ", seconds);
+  TORCH_CHECK(threads >= 1 && threads <= 1024, "fma_peak: threads must be in [1, 1024], got ", threads);
+  const bool wide = moee_fast::active_isa().load() == static_cast<int>(moee_fast::CpuIsa::avx512);
+  double total = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  total += wide ? fma_peak_512(seconds) : fma_peak_avx2(seconds);
+  return total;
+}
 #endif
 
 }  // namespace
@@ -91,6 +131,7 @@ std::string cpu_isa(const c10::optional<std::string>& use) {
 TORCH_LIBRARY_FRAGMENT(moee_fast, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("cpu_isa(str? use=None) -> str", &cpu_isa);
+  m.def("fma_peak(float seconds=0.2, int threads=1) -> float", &fma_peak);
 }
 
 TORCH_LIBRARY_IMPL(moee_fast, CPU, m) {

@@ -87,7 +87,9 @@ constexpr int64_t kKC = 256;  // reduction block: a tile's 6 weight rows stay in
 // The AVX-512 tile: 16 columns of b fill one zmm register, so a tile holds MR rows of a x NP
 // column blocks in MR*NP accumulators. For the panel GEMM, 12 x 2 (24 of the 32 registers) ran
 // 160-174 GFLOP/s per core on this project's GEMM shapes, against 136-172 for 8 x 3 and 146-151
-// for 6 x 4, and took the 2-panel case best: twice the FLOPs per instruction of the AVX2 tile.
+// for 6 x 4, and took the 2-panel case best: twice the FLOPs per instruction of the AVX2 tile
+// (on a core with full-width AVX-512 FMAs, 179 GFLOP/s peak; on one that runs AVX-512 on 256-bit
+// units, 116 GFLOP/s peak, the same tile runs 93-102: benchmarks/results/cpu_ceiling_*.md).
 // Every c element is the same FMA chain over k as in tile_x16_avx2, then the same scaling and
 // accumulation, so the two give bitwise the same result and which one runs never changes an
 // embedding.

@@ -123,3 +123,16 @@ def test_encoder_bitwise_equal_across_isas(checkpoint):
 def test_unknown_isa_is_refused():
     with pytest.raises(RuntimeError, match="expected 'avx2' or 'avx512'"):
         torch.ops.moee_fast.cpu_isa("sse2")
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_fma_peak_is_a_finite_rate_and_refuses_bad_arguments(isa):
+    # The benchmarks' ceiling: a finite positive rate for one thread and for two (no wall time is
+    # asserted); bad arguments, NaN included, are refused by name.
+    one = torch.ops.moee_fast.fma_peak(0.05, 1)
+    two = torch.ops.moee_fast.fma_peak(0.05, 2)
+    assert 0 < one < float("inf") and 0 < two < float("inf")
+    for bad in ({"seconds": 0.0}, {"seconds": float("nan")}, {"seconds": 61.0}, {"threads": 0}):
+        args = {"seconds": 0.05, "threads": 1, **bad}
+        with pytest.raises(RuntimeError, match="fma_peak: (seconds|threads) must be"):
+            torch.ops.moee_fast.fma_peak(args["seconds"], args["threads"])

@@ -61,3 +61,46 @@ def test_encoder_switches_its_linears(checkpoint):
     enc = MoEEncoder.from_pretrained(checkpoint("qwen2_moe"), device="cpu")  # q/k/v biases, dense and shared MLPs
     switched = [m for m in enc.model.modules() if type(m) is nn.Linear and "forward" in vars(m)]
     assert switched and len(switched) == sum(1 for m in enc.model.modules() if type(m) is nn.Linear)
+
+
+FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routers_multiply_through_the_op(checkpoint, family, monkeypatch):
+    enc = MoEEncoder.from_pretrained(checkpoint(family), device="cpu")
+    names = {module: name for name, module in enc.model.named_modules()}
+    report = next(r for r in enc.fast_path.reports if r.part == "linears")
+    assert {names[r] for r in enc.routers} <= set(report.applied)
+    router, calls, real = enc.routers[0], [], torch.ops.moee_fast.linear
+    monkeypatch.setattr(torch.ops.moee_fast, "linear", lambda *args: calls.append(args) or real(*args))
+    x = torch.randn(13, enc.hidden_size)
+    router(x)
+    assert len(calls) == 1 and calls[0][1] is router.weight and calls[0][0].shape == (13, enc.hidden_size)
+    enc.fast_path.remove()
+    assert "forward" not in vars(router)
+    router(x)
+    assert len(calls) == 1  # undone: F.linear again
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_gives_the_same_bits_in_any_batch_and_thread_count(checkpoint, family):
+    # A one-token text alone makes each router GEMM a single row (BLAS takes its GEMV path there,
+    # with another summation order than for a block of rows); the routers' rows now depend only
+    # on their own token. DeepSeek-V2's attention (values narrower than queries and keys) runs
+    # SDPA on the batch padded to its longest text, so there a text agrees to fp32 rounding only.
+    enc = MoEEncoder.from_pretrained(checkpoint(family), device="cpu")
+    texts = ["a", "Some longer text that shares its batch with the short ones.", "b c", "Another one, longer still, with more words in it."]
+    threads = torch.get_num_threads()
+    try:
+        together = enc.encode(texts)
+        torch.set_num_threads(1)
+        alone = [enc.encode([t]) for t in texts]
+    finally:
+        torch.set_num_threads(threads)
+    for i, one in enumerate(alone):
+        if family == "deepseek_v2":
+            assert relative_error(one.hs, together.hs[i:i + 1]).item() <= 1e-6, texts[i]
+            assert relative_error(one.rw, together.rw[i:i + 1]).item() <= 1e-6, texts[i]
+        else:
+            assert torch.equal(one.hs[0], together.hs[i]) and torch.equal(one.rw[0], together.rw[i]), texts[i]

@@ -9,7 +9,7 @@ entry point.
 
 Parts, one file each: `attention` (packed texts, attention.py), `experts` (experts.py, CPU),
 `fused_experts` (fused_experts.py, CUDA), `quantized_experts` (quantized_experts.py, CUDA),
-`norms` (norms.py), `linears` (linears.py), `rotary` (rotary.py), `trim` (the last layer on the
+`norms` (norms.py), `linears` (linears.py; the routers' GEMMs too), `rotary` (rotary.py), `trim` (the last layer on the
 last tokens, trim.py). Given the MoE routers, `install` also holds the router tap
 (router_tap.py), the hooks that keep each layer's last-token router rows; it is not optional, as
 RW needs it. Each part admits a module only where a probe or a type check shows it reproduces
@@ -101,7 +101,12 @@ def install(
             report, handle.router_tap = router_tap.install(model, routers, logits_index)
             handle.reports.append(report)
         for part in PARTS:
-            handle.reports.append(_INSTALLERS[part](model) if part in requested else _not_requested(part))
+            if part not in requested:
+                handle.reports.append(_not_requested(part))
+            elif part == "linears":  # the routers' GEMMs too (linears.py says why)
+                handle.reports.append(linears.install(model, routers or []))
+            else:
+                handle.reports.append(_INSTALLERS[part](model))
     except BaseException:
         handle.remove()  # no half-installed fast path
         raise
