@@ -215,11 +215,19 @@ def test_bench_peers_ratios_and_float64_reference(checkpoint):
     assert max_row_relative_error(enc.encode(texts).hs.double(), reference) <= 1e-5
     rounds = {"moee-fast": [dict(seconds=1.0, cpu_seconds=2.0), dict(seconds=2.0, cpu_seconds=4.0)],
               "vllm": [dict(seconds=3.0, cpu_seconds=5.0), dict(seconds=3.0, cpu_seconds=6.0)]}
+    flops = {"moee-fast": 150e9, "vllm": 180e9}  # 100 and 60 GFLOP/s at the median rounds (1.5 s, 3 s)
     lines = bench_peers._section("olmoe", 10, 99, rounds, {"moee-fast": 1e-7, "vllm": 2e-6}, 2,
-                                 {"llamacpp": "no venv"}, (1.0, 0, 0), (1.5, 0, 0))
+                                 {"llamacpp": "no venv"}, (1.0, 0, 0), (1.5, 0, 0), flops, [190.0, 210.0])
     vllm_row = next(line for line in lines if line.startswith("| vllm"))
     assert "3.00x / 1.50x" in vllm_row and "| 2.25x |" in vllm_row and "2.0e-06" in vllm_row
+    assert "| 60 (30%) |" in vllm_row and "| 100 (50%) |" in next(line for line in lines if line.startswith("| moee-fast"))
+    # At the 200 GFLOP/s peak our 150 GFLOP per round would run 13.3 texts/s: 4x vLLM's 3.33.
+    assert any("would run 13.3 texts/s, at most 4.00x vllm's texts/s." in line for line in lines)
     assert "- llamacpp skipped: no venv" in lines
+    without_peak = bench_peers._section("olmoe", 10, 99, rounds, {"moee-fast": 1e-7, "vllm": 2e-6}, 2, {},
+                                        (1.0, 0, 0), (1.5, 0, 0), flops, [None, None])
+    assert "| 60 |" in next(line for line in without_peak if line.startswith("| vllm"))
+    assert not any(line.startswith("FMA peak of") for line in without_peak)
 
 
 def test_gpu_ledger_counts_every_kernel_of_each_design_for_the_four_shapes(tmp_path):
