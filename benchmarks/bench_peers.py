@@ -9,7 +9,8 @@ or broken is skipped, with the reason in the results. Each peer runs in its own 
 Reported per family: texts/s and CPU-seconds per round, the per-round ratio of our texts/s to each
 peer's and its median, each path's HS against a float64 transformers forward of each text alone,
 and each path's GFLOP/s as a share of the cores' FMA peak (sampled before and after the rounds):
-the ceiling that bounds any ratio between engines doing the same arithmetic. Written to benchmarks/results/cpu_peers_<date>.md with the load average before and after.
+the ceiling that bounds any ratio between engines doing the same arithmetic. Written to
+benchmarks/results/cpu_peers_<date>.md with the load average before and after.
 
 Environment: MOEE_FAST_PEER_FAMILIES (default olmoe,qwen2_moe), MOEE_FAST_PEER_TEXTS (texts per
 round, default 400), MOEE_FAST_PEER_ROUNDS (3), MOEE_FAST_PEER_THREADS (2), MOEE_FAST_PEER_REFERENCE

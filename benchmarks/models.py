@@ -216,8 +216,8 @@ def embedding_flops(model, lengths: list[int], every_layer_every_token: bool = F
         body = 0.0
         for i in range(len(layers) - 1):
             body += n * (kv[i] + q_o[i] + mlp[i]) + scores * n * (n + 1) / 2  # causal: p attends p+1 keys
-        last_tokens = n if every_layer_every_token else 1
-        total += body + n * kv[-1] + last_tokens * (q_o[-1] + mlp[-1]) + scores * (n * (n + 1) / 2 if every_layer_every_token else n)
+        r = n if every_layer_every_token else 1  # the last layer's queries: the text's last r tokens
+        total += body + n * kv[-1] + r * (q_o[-1] + mlp[-1]) + scores * (r * n - r * (r - 1) / 2)
     return total
 
 

@@ -66,7 +66,8 @@ def as_channels(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([high, low], dim=-1)
 
 
-def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+def _scores(logits: torch.Tensor | tuple, scoring: str) -> torch.Tensor:
+    logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
     logits = logits.float()
     return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
 
@@ -81,7 +82,7 @@ class KeptGate:
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         # Scored at once: a fused-experts kernel may later write over the logits or the input.
-        self.moee_kept.append(_scores(out[0] if isinstance(out, tuple) else out, self.moee_scoring))
+        self.moee_kept.append(_scores(out, self.moee_scoring))
         return out
 
 
@@ -95,9 +96,8 @@ class RoutedBlock:
         if not self.moee_gate_in_block:
             # The runner calls the gate, maybe inside an op compilation does not trace into: score
             # the input here, before a fused-experts kernel may write its output over it.
-            logits = self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))
-            logits = logits[0] if isinstance(logits, tuple) else logits  # vLLM linears return (out, bias)
-            return super().forward(hidden_states, *args, **kwargs), _scores(logits, self.moee_scoring)
+            scores = _scores(self.gate(hidden_states.reshape(-1, hidden_states.shape[-1])), self.moee_scoring)
+            return super().forward(hidden_states, *args, **kwargs), scores
         kept = self.gate.moee_kept
         kept.clear()
         out = super().forward(hidden_states, *args, **kwargs)
